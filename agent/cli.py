@@ -1,0 +1,127 @@
+"""Command line: run, validate, version. One-line errors, documented exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from agent import __version__, log
+from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH
+from agent.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    BootstrapError,
+    ConfigError,
+)
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m or 1h")
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # Usage errors exit 2 with one line, like every other bad input.
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="alga-bootstrap",
+        description="First-boot agent: installs the bundled Flux and hands the appliance over "
+                    "to it.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    config_help = (f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}, else "
+                   "the built-in Alga preset)")
+
+    run = sub.add_parser("run", help="bootstrap the cluster (what the boot service runs)",
+                         epilog=EXIT_CODES_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, help=config_help)
+    run.add_argument("--kubeconfig", type=Path,
+                     help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)")
+    run.add_argument("--flux-manifests", type=Path,
+                     help="Flux bundle (`flux install --export`), overriding flux.manifests; "
+                          "its sha256 must still match flux.sha256")
+    run.add_argument("--timeout", type=parse_duration, default=parse_duration("30m"),
+                     help="give up after this long (default 30m)")
+    run.add_argument("--force", action="store_true",
+                     help="overrule a refusal (exit 3): take over a Flux managed by another "
+                          "tool, downgrade Flux, re-target an existing sync")
+    run.add_argument("--log-format", choices=["json", "console"],
+                     help="default: console on a terminal, JSON lines otherwise")
+
+    validate = sub.add_parser("validate", help="check a config and the files it names, "
+                              "without a cluster", epilog=EXIT_CODES_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_argument("--config", type=Path, help=config_help)
+    validate.add_argument("--flux-manifests", type=Path, help="check this bundle instead")
+
+    sub.add_parser("version", help="print the agent version and the Flux version it pins")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.configure(getattr(args, "log_format", None))
+    try:
+        return _dispatch(args)
+    except BootstrapError as err:
+        message = log.redact(str(err))
+        if args.command == "run":
+            log.get("run").error("run failed", error=message, exit_code=err.exit_code)
+        print(f"alga-bootstrap: error: {message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("alga-bootstrap: interrupted; re-run to finish", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:  # a bug: still one line, never a traceback or a secret
+        message = log.redact(f"{type(err).__name__}: {err}")
+        print(f"alga-bootstrap: internal error: {message}; a re-run may succeed, please "
+              "report it", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "version":
+        from agent import config as config_module
+
+        try:
+            pinned = config_module.load(None).flux
+            flux = f" (default config pins Flux bundle sha256 {pinned.sha256[:12]})"
+        except ConfigError:
+            flux = ""
+        print(f"alga-bootstrap {__version__}{flux}")
+        return EXIT_OK
+    if args.command == "validate":
+        return _validate(args)
+    from agent.run import RunOptions, run
+
+    run(RunOptions(args.config, args.kubeconfig, args.flux_manifests, args.timeout,
+                   args.force))
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from agent import bundle as flux_bundle
+    from agent import config as config_module
+    from agent.steps.seed_site import load_manifest
+
+    config = config_module.load(args.config)
+    bundle = flux_bundle.load(args.flux_manifests or config.flux.manifests, config.flux.sha256)
+    for manifest in config.site.manifests:
+        load_manifest(manifest)
+    print(f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
+          f"{config.sync.ref.kind}={config.sync.ref.value} {config.sync.path})")
+    return EXIT_OK

@@ -1,0 +1,498 @@
+"""The agent's configuration: one YAML file, parsed and validated once into typed objects.
+
+Every error is one line that names the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/alga-bootstrap/config.yaml")
+CONFIG_ENV = "ALGA_BOOTSTRAP_CONFIG"
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "alga-talos-single-node"  # what the image boots with no config file
+TALOS_ENDPOINTS = ("https://127.0.0.1:7445", "https://127.0.0.1:6443")
+
+DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+SCP_URL = re.compile(r"^(?P<user>[^@/:]+)@(?P<host>[^:/]+):(?P<path>.+)$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REF_KINDS = ("branch", "tag", "semver", "commit", "name")
+
+
+@dataclass(frozen=True)
+class GitRef:
+    kind: str  # one of REF_KINDS
+    value: str
+
+    def as_spec(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class GitCredentials:
+    """Files whose contents become the Flux Git Secret; values are read at run time only."""
+
+    secret_name: str
+    files: dict[str, Path]  # Secret key -> file
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    name: str
+    namespace: str
+    url: str
+    ref: GitRef
+    path: str
+    source_interval: str
+    interval: str
+    retry_interval: str
+    timeout: str
+    prune: bool
+    wait: bool
+    patches: tuple[dict[str, Any], ...] = ()
+    credentials: GitCredentials | None = None
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    manifests: Path
+    sha256: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    kubeconfig: Path | None
+    endpoints: tuple[str, ...] | None  # None: the kubeconfig's server, else the Talos endpoints
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    name: str
+    generate_bytes: int = 0  # > 0: random bytes, hex-encoded
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedSecret:
+    """A Secret created once and never rotated: keys come from files or are generated."""
+
+    namespace: str
+    name: str
+    keys: tuple[SecretKey, ...]
+
+
+@dataclass(frozen=True)
+class NamespaceSpec:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CreateOnceConfigMap:
+    namespace: str
+    name: str
+    data: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PrerequisiteManifest:
+    """Objects applied before Flux, skipped entirely when `skip_if_exists` is found."""
+
+    file: Path
+    skip_if_exists: tuple[str, str, str, str] | None  # apiVersion, kind, namespace, name
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    namespaces: tuple[NamespaceSpec, ...] = ()
+    secrets: tuple[GeneratedSecret, ...] = ()
+    config_maps: tuple[CreateOnceConfigMap, ...] = ()
+    manifests: tuple[PrerequisiteManifest, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str  # where the config came from, for messages
+    cluster: ClusterConfig
+    flux: FluxConfig
+    sync: SyncConfig
+    site: SiteConfig
+    record: RecordConfig
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+class _Section:
+    """A mapping being read; `close()` rejects any key nobody asked for."""
+
+    def __init__(self, data: Any, path: str, source: str, base_dir: Path) -> None:
+        self.path, self.source, self.base_dir = path, source, base_dir
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.fail("must be a mapping")
+        self.data: dict[str, Any] = data
+        self.read: set[str] = set()
+
+    def fail(self, message: str, key: str | None = None) -> NoReturn:
+        where = f"{self.path}.{key}" if key and self.path else (key or self.path or "(top)")
+        raise ConfigError(f"{self.source}: {where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str) -> Any:
+        self.read.add(key)
+        return self.data.get(key)
+
+    def section(self, key: str) -> _Section:
+        child = f"{self.path}.{key}" if self.path else key
+        return _Section(self.raw(key), child, self.source, self.base_dir)
+
+    def text(self, key: str, default: str | None = None, pattern: re.Pattern[str] | None = None,
+            hint: str = "") -> str:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                self.fail(f"is required{hint and '; ' + hint}", key)
+            return default
+        if not isinstance(value, str) or not value:
+            self.fail(f"must be a non-empty string, got {type(value).__name__}", key)
+        if pattern is not None and not pattern.match(value):
+            self.fail(f"{value!r} is not valid{hint and '; ' + hint}", key)
+        return value
+
+    def duration(self, key: str, default: str) -> str:
+        return self.text(key, default, DURATION, "use a Go duration such as 30s, 5m or 1h")
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(f"must be true or false, got {value!r}", key)
+        return value
+
+    def number(self, key: str, default: int) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(f"must be a whole number, got {value!r}", key)
+        return value
+
+    def file(self, key: str, required: bool = True) -> Path | None:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                self.fail("is required", key)
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail("must be a file path", key)
+        path = Path(value) if Path(value).is_absolute() else self.base_dir / value
+        if not path.is_file():
+            self.fail(f"file {str(path)!r} does not exist or is not a file", key)
+        return path
+
+    def items(self, key: str) -> list[Any]:
+        value = self.raw(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail("must be a list", key)
+        return value
+
+    def string_map(self, key: str) -> dict[str, str]:
+        value = self.raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            self.fail("must be a mapping of strings to strings (quote numbers and booleans)",
+                      key)
+        return dict(value)
+
+    def close(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            known = ", ".join(sorted(self.read)) or "none"
+            self.fail(f"unknown field (known fields here: {known})", unknown[0])
+
+
+def _item(data: Any, path: str, parent: _Section) -> _Section:
+    return _Section(data, path, parent.source, parent.base_dir)
+
+
+def load(path: Path | None) -> Config:
+    """Read, merge over its preset and validate a config file. `None`: the default location,
+    or the packaged default preset when no file is there."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    if path is None:
+        if DEFAULT_CONFIG_PATH.is_file():
+            path = DEFAULT_CONFIG_PATH
+        else:
+            return parse({"preset": DEFAULT_PRESET}, f"preset {DEFAULT_PRESET}", PRESET_DIR)
+    return parse(_read_yaml(path), str(path), path.parent.resolve())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass --config PATH or set "
+                          f"{CONFIG_ENV}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    return data
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
+    preset_name = data.get("preset")
+    if preset_name is not None:
+        if not isinstance(preset_name, str) or not (PRESET_DIR / f"{preset_name}.yaml").is_file():
+            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+            raise ConfigError(f"{source}: preset: unknown preset {preset_name!r}; "
+                              f"choose one of: {names}")
+        preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
+        data = _merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
+    from agent import appliance  # appliance presets expand their own section into site objects
+
+    data = appliance.expand(data, source, base_dir)
+    top = _Section(data, "", source, base_dir)
+    config = Config(
+        source=source,
+        cluster=_cluster(top.section("cluster")),
+        flux=_flux(top.section("flux")),
+        sync=_sync(top.section("sync")),
+        site=_site(top.section("site")),
+        record=_record(top.section("record")),
+    )
+    top.raw("preset")
+    top.close()
+    return config
+
+
+def _cluster(s: _Section) -> ClusterConfig:
+    kubeconfig = s.raw("kubeconfig")
+    if kubeconfig is not None and (not isinstance(kubeconfig, str) or not kubeconfig):
+        s.fail("must be a file path", "kubeconfig")
+    endpoints = None
+    if s.has("endpoints"):
+        endpoints = tuple(s.items("endpoints"))
+        for i, endpoint in enumerate(endpoints):
+            if not isinstance(endpoint, str) or not re.match(r"^https://[^/\s]+$", endpoint):
+                s.fail(f"{endpoint!r} is not an https://host:port URL", f"endpoints[{i}]")
+        if not endpoints:
+            s.fail("must list at least one https://host:port URL", "endpoints")
+    s.close()
+    return ClusterConfig(Path(kubeconfig) if kubeconfig else None, endpoints)
+
+
+def _flux(s: _Section) -> FluxConfig:
+    manifests = s.text("manifests", hint="the path of the `flux install --export` bundle")
+    path = Path(manifests) if Path(manifests).is_absolute() else s.base_dir / manifests
+    sha = s.text("sha256", pattern=SHA256, hint="64 lowercase hex digits (sha256sum of the bundle)")
+    namespace = s.text("namespace", "flux-system", DNS_LABEL)
+    s.close()
+    return FluxConfig(path, sha, namespace)
+
+
+def _sync(s: _Section) -> SyncConfig:
+    name = s.text("name", pattern=DNS_SUBDOMAIN, hint="a lowercase DNS name")
+    namespace = s.text("namespace", "flux-system", DNS_LABEL)
+    url = _git_url(s)
+    ref = _ref(s.section("ref"))
+    path = s.text("path", hint="the directory in the repository that Flux applies, e.g. ./deploy")
+    if not path.startswith("./") and path != ".":
+        s.fail(f"{path!r} must be relative to the repository root and start with ./", "path")
+    if ".." in Path(path).parts:
+        s.fail(f"{path!r} must not leave the repository with ..", "path")
+    patches = s.items("patches")
+    for i, patch in enumerate(patches):
+        if not isinstance(patch, dict) or not isinstance(patch.get("patch"), str):
+            s.fail("each patch needs `patch` (a string) and may have `target`",
+                   f"patches[{i}]")
+    credentials = _credentials(s.section("credentials"), name, url) \
+        if s.has("credentials") else None
+    s.raw("credentials")
+    config = SyncConfig(
+        name=name, namespace=namespace, url=url, ref=ref, path=path,
+        source_interval=s.duration("sourceInterval", "1m"),
+        interval=s.duration("interval", "10m"),
+        retry_interval=s.duration("retryInterval", "1m"),
+        timeout=s.duration("timeout", "5m"),
+        prune=s.flag("prune", True), wait=s.flag("wait", False),
+        patches=tuple(patches), credentials=credentials,
+    )
+    s.close()
+    return config
+
+
+def _git_url(s: _Section) -> str:
+    url = s.text("url", hint="the Git repository, https://... or ssh://...")
+    scp = SCP_URL.match(url)
+    if scp and "://" not in url:
+        fixed = f"ssh://{scp['user']}@{scp['host']}/{scp['path']}"
+        s.fail(f"scp-style URL {url!r} is not accepted by Flux; use {fixed!r}", "url")
+    if not re.match(r"^(http|https|ssh)://[^/\s]+", url):
+        s.fail(f"{url!r} must start with https://, http:// or ssh://", "url")
+    return url
+
+
+def _ref(s: _Section) -> GitRef:
+    given = [k for k in REF_KINDS if s.has(k)]
+    for key in REF_KINDS:
+        s.raw(key)
+    s.close()
+    if len(given) != 1:
+        s.fail("set exactly one of branch, tag, semver, commit, name")
+    kind = given[0]
+    value = s.data[kind]
+    if not isinstance(value, str) or not value:
+        s.fail("must be a non-empty string", kind)
+    if kind == "commit" and not re.match(r"^[0-9a-f]{40}([0-9a-f]{24})?$", value):
+        s.fail(f"{value!r} is not a full commit SHA (40 hex digits)", kind)
+    return GitRef(kind, value)
+
+
+def _credentials(s: _Section, sync_name: str, url: str) -> GitCredentials:
+    secret_name = s.text("secretName", f"{sync_name}-git", DNS_SUBDOMAIN)
+    keys = {"identityFile": "identity", "knownHostsFile": "known_hosts",
+            "passwordFile": "password", "usernameFile": "username",
+            "bearerTokenFile": "bearerToken", "caFile": "ca.crt",
+            "certFile": "tls.crt", "keyFile": "tls.key"}
+    files: dict[str, Path] = {}
+    for field_name, secret_key in keys.items():
+        path = s.file(field_name, required=False)
+        if path is not None:
+            files[secret_key] = path
+    s.close()
+    ssh = url.startswith("ssh://")
+    if ssh and not {"identity", "known_hosts"} <= files.keys():
+        s.fail("an ssh:// URL needs identityFile and knownHostsFile")
+    if not ssh and "identity" in files:
+        s.fail("identityFile is for ssh:// URLs; use usernameFile and passwordFile, or "
+               "bearerTokenFile, for https://", "identityFile")
+    if "username" in files and "password" not in files:
+        s.fail("usernameFile needs passwordFile", "usernameFile")
+    if "password" in files and not ssh and "username" not in files:
+        s.fail("passwordFile needs usernameFile for https:// URLs", "passwordFile")
+    if ("tls.crt" in files) != ("tls.key" in files):
+        s.fail("certFile and keyFile go together", "certFile")
+    if not files:
+        s.fail("name at least one credentials file, or remove credentials")
+    return GitCredentials(secret_name, files)
+
+
+def _site(s: _Section) -> SiteConfig:
+    namespaces = []
+    for i, item in enumerate(s.items("namespaces")):
+        n = _item(item, f"site.namespaces[{i}]", s)
+        namespaces.append(NamespaceSpec(n.text("name", pattern=DNS_LABEL), n.string_map("labels")))
+        n.close()
+    secrets = []
+    for i, item in enumerate(s.items("secrets")):
+        secrets.append(_generated_secret(_item(item, f"site.secrets[{i}]", s)))
+    config_maps = []
+    for i, item in enumerate(s.items("configMaps")):
+        c = _item(item, f"site.configMaps[{i}]", s)
+        config_maps.append(CreateOnceConfigMap(c.text("namespace", pattern=DNS_LABEL),
+                                               c.text("name", pattern=DNS_SUBDOMAIN),
+                                               c.string_map("data")))
+        c.close()
+    manifests = []
+    for i, item in enumerate(s.items("manifests")):
+        m = _item(item, f"site.manifests[{i}]", s)
+        file = m.file("file")
+        skip = None
+        if m.has("skipIfExists"):
+            k = m.section("skipIfExists")
+            skip = (k.text("apiVersion"), k.text("kind"), k.text("namespace", ""), k.text("name"))
+            k.close()
+        m.raw("skipIfExists")
+        m.close()
+        assert file is not None
+        manifests.append(PrerequisiteManifest(file, skip))
+    s.close()
+    return SiteConfig(tuple(namespaces), tuple(secrets), tuple(config_maps), tuple(manifests))
+
+
+def _generated_secret(s: _Section) -> GeneratedSecret:
+    namespace = s.text("namespace", pattern=DNS_LABEL)
+    name = s.text("name", pattern=DNS_SUBDOMAIN)
+    keys_section = s.section("keys")
+    keys = []
+    for key in keys_section.data:
+        if not isinstance(key, str) or not SECRET_KEY.match(key):
+            keys_section.fail("Secret keys may hold only letters, digits, '-', '_' and '.'",
+                              str(key))
+        spec = keys_section.section(key)
+        has_generate, has_file = spec.has("generate"), spec.has("file")
+        if has_generate == has_file:
+            spec.fail("set exactly one of generate (random bytes) or file")
+        if has_generate:
+            gen = spec.section("generate")
+            size = gen.number("bytes", 32)
+            gen.text("encoding", "hex", re.compile(r"^hex$"), "only hex is supported")
+            gen.close()
+            if not 16 <= size <= 512:
+                spec.fail(f"{size} bytes is out of range; use 16 to 512", "generate.bytes")
+            keys.append(SecretKey(key, generate_bytes=size))
+        else:
+            keys.append(SecretKey(key, file=spec.file("file")))
+        spec.raw("generate")
+        spec.close()
+    keys_section.close()
+    if not keys:
+        s.fail("needs at least one key", "keys")
+    s.close()
+    return GeneratedSecret(namespace, name, tuple(keys))
+
+
+def _record(s: _Section) -> RecordConfig:
+    record = RecordConfig(s.text("namespace", "alga-system", DNS_LABEL),
+                          s.text("name", "alga-bootstrap-run", DNS_SUBDOMAIN))
+    s.close()
+    return record

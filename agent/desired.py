@@ -1,0 +1,68 @@
+"""Desired objects, built by pure functions from the config. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from agent.config import CreateOnceConfigMap, GeneratedSecret, NamespaceSpec, SyncConfig
+
+Obj = dict[str, Any]
+MANAGED_BY = {"app.kubernetes.io/managed-by": "alga-bootstrap"}
+
+
+def _meta(name: str, namespace: str = "", labels: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name, "labels": {**MANAGED_BY, **(labels or {})}}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def namespace(spec: NamespaceSpec) -> Obj:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(spec.name, "", spec.labels)}
+
+
+def secret(namespace_name: str, name: str, values: dict[str, bytes]) -> Obj:
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": _meta(name, namespace_name),
+        "data": {k: base64.b64encode(v).decode() for k, v in sorted(values.items())},
+    }
+
+
+def generated_secret(spec: GeneratedSecret, values: dict[str, bytes]) -> Obj:
+    return secret(spec.namespace, spec.name, values)
+
+
+def config_map(spec: CreateOnceConfigMap) -> Obj:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(spec.name, spec.namespace), "data": dict(spec.data)}
+
+
+def git_repository(sync: SyncConfig) -> Obj:
+    spec: Obj = {"url": sync.url, "ref": sync.ref.as_spec(), "interval": sync.source_interval}
+    if sync.credentials is not None:
+        spec["secretRef"] = {"name": sync.credentials.secret_name}
+    return {"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+            "metadata": _meta(sync.name, sync.namespace), "spec": spec}
+
+
+def kustomization(sync: SyncConfig) -> Obj:
+    spec: Obj = {
+        "interval": sync.interval,
+        "retryInterval": sync.retry_interval,
+        "timeout": sync.timeout,
+        "path": sync.path,
+        "prune": sync.prune,
+        "wait": sync.wait,
+        "sourceRef": {"kind": "GitRepository", "name": sync.name, "namespace": sync.namespace},
+    }
+    if sync.patches:
+        spec["patches"] = [dict(p) for p in sync.patches]
+    return {"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+            "metadata": _meta(sync.name, sync.namespace), "spec": spec}
+
+
+def run_record(namespace_name: str, name: str, record_json: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, namespace_name),
+            "data": {"run.json": record_json}}

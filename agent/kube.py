@@ -1,0 +1,274 @@
+"""All cluster I/O: a small client over the `kubernetes` package's ApiClient.
+
+Objects are plain dicts. Paths come from a kind table (built-ins plus the CRDs the agent
+installs), so no discovery requests are spent. Every request is retried with tenacity on
+throttling, server errors and dropped connections.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tenacity
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.kube_config import load_kube_config_from_dict
+
+from agent import log
+from agent.errors import BootstrapError, ConfigError
+
+Obj = dict[str, Any]
+FIELD_MANAGER = "alga-bootstrap"
+RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Kind:
+    plural: str
+    namespaced: bool
+
+
+BUILTIN_KINDS: dict[tuple[str, str], Kind] = {
+    ("v1", "Namespace"): Kind("namespaces", False),
+    ("v1", "ConfigMap"): Kind("configmaps", True),
+    ("v1", "Secret"): Kind("secrets", True),
+    ("v1", "ServiceAccount"): Kind("serviceaccounts", True),
+    ("v1", "Service"): Kind("services", True),
+    ("v1", "ResourceQuota"): Kind("resourcequotas", True),
+    ("v1", "Node"): Kind("nodes", False),
+    ("apps/v1", "Deployment"): Kind("deployments", True),
+    ("apps/v1", "DaemonSet"): Kind("daemonsets", True),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): Kind("clusterroles", False),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): Kind("clusterrolebindings", False),
+    ("rbac.authorization.k8s.io/v1", "Role"): Kind("roles", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): Kind("rolebindings", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): Kind("networkpolicies", True),
+    ("storage.k8s.io/v1", "StorageClass"): Kind("storageclasses", False),
+    ("coordination.k8s.io/v1", "Lease"): Kind("leases", True),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"):
+        Kind("customresourcedefinitions", False),
+}
+
+
+class ApiError(BootstrapError):
+    """The API server refused a request, after retries where a retry could help."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(log.redact(message))
+        self.status, self.reason = status, reason
+        self.retry_after: int | None = None
+
+
+def _describe(err: ApiException) -> ApiError:
+    try:
+        body = json.loads(err.body or "{}")
+        return ApiError(err.status, body.get("reason", ""), body.get("message", str(err.reason)))
+    except ValueError:
+        return ApiError(err.status, "", str(err.reason))
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ApiError):
+        return exc.status in RETRYABLE_STATUS
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+class _RetryAfterOrBackoff(tenacity.wait.wait_base):
+    """Honour the server's Retry-After when it sends one; otherwise back off with jitter."""
+
+    def __init__(self) -> None:
+        self.backoff = tenacity.wait_exponential_jitter(initial=0.2, max=5)
+
+    def __call__(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, int | float):
+            return float(min(retry_after, 30))
+        return float(self.backoff(state))
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.get("kube").warning("request failed, retrying", attempt=state.attempt_number,
+                            error=str(exc)[:300])
+
+
+_retry = tenacity.retry(
+    retry=tenacity.retry_if_exception(_is_retryable),
+    wait=_RetryAfterOrBackoff(),
+    stop=tenacity.stop_after_attempt(8) | tenacity.stop_after_delay(90),
+    before_sleep=_log_retry,
+    reraise=True,
+)
+
+
+def load_kubeconfig(path: Path) -> k8s.Configuration:
+    """Parse a kubeconfig file into client settings; a broken one is a config error."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read kubeconfig ({err.strerror}); pass --kubeconfig "
+                          "or set cluster.kubeconfig") from None
+    except Exception:
+        raise ConfigError(f"{path}: kubeconfig is not valid YAML") from None
+    return configuration_from_dict(data, str(path))
+
+
+def configuration_from_dict(data: Any, source: str) -> k8s.Configuration:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: kubeconfig must be a YAML mapping")
+    configuration = k8s.Configuration()
+    try:
+        load_kube_config_from_dict(data, client_configuration=configuration,
+                                   persist_config=False)
+    except (ConfigException, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: kubeconfig is unusable: {err}") from None
+    for value in (configuration.api_key or {}).values():
+        log.register_secret(value.removeprefix("Bearer "))
+    return configuration
+
+
+class Kube:
+    """The agent's only way to talk to the cluster."""
+
+    def __init__(self, configuration: k8s.Configuration, host: str | None = None) -> None:
+        configuration = _copy(configuration)
+        if host:
+            configuration.host = host
+        configuration.retries = False  # tenacity does all retrying
+        configuration.connection_pool_maxsize = 8
+        self.host = configuration.host
+        self.kinds = dict(BUILTIN_KINDS)
+        self._api = k8s.ApiClient(configuration)
+
+    def close(self) -> None:
+        self._api.close()
+
+    # -- kinds -------------------------------------------------------------------------------
+
+    def register_crds(self, crds: list[Obj]) -> None:
+        """Learn the paths of custom kinds from their definitions, without discovery."""
+        for crd in crds:
+            spec = crd["spec"]
+            for version in spec["versions"]:
+                api_version = f"{spec['group']}/{version['name']}"
+                self.kinds[(api_version, spec["names"]["kind"])] = Kind(
+                    spec["names"]["plural"], spec.get("scope") == "Namespaced")
+
+    def path(self, api_version: str, kind: str, namespace: str = "", name: str = "") -> str:
+        found = self.kinds.get((api_version, kind))
+        if found is None:
+            raise BootstrapError(f"kind {kind} ({api_version}) is unknown to the agent")
+        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        if found.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{found.plural}"
+        return f"{base}/{name}" if name else base
+
+    def path_of(self, obj: Obj) -> str:
+        meta = obj["metadata"]
+        return self.path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @_retry
+    def _call(self, method: str, path: str, query: list[tuple[str, str]] | None = None,
+              body: Any = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            response = self._api.call_api(
+                path, method, query_params=query or [], header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=(5, 30))
+        except ApiException as err:
+            failure = _describe(err)
+            retry_after = (err.headers or {}).get("Retry-After")
+            if retry_after and retry_after.isdigit():
+                failure.retry_after = int(retry_after)
+            raise failure from None
+        return json.loads(response.data or b"null")
+
+    def version(self) -> Obj:
+        result: Obj = self._call("GET", "/version")
+        return result
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str = "") -> Obj | None:
+        try:
+            found: Obj = self._call("GET", self.path(api_version, kind, namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        return found
+
+    def get_like(self, obj: Obj) -> Obj | None:
+        meta = obj["metadata"]
+        return self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace", ""))
+
+    def list(self, api_version: str, kind: str, namespace: str = "",
+             label_selector: str = "") -> list[Obj]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        try:
+            result = self._call("GET", self.path(api_version, kind, namespace), query)
+        except ApiError as err:
+            if err.status == 404:
+                return []
+            raise
+        items: list[Obj] = result.get("items", [])
+        for item in items:
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    def apply(self, obj: Obj, force: bool = True, dry_run: bool = False) -> Obj:
+        """Server-side apply as the agent's field manager."""
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")]
+        if dry_run:
+            query.append(("dryRun", "All"))
+        result: Obj = self._call("PATCH", self.path_of(obj), query, obj,
+                                 "application/apply-patch+yaml")
+        return result
+
+    def create(self, obj: Obj) -> Obj | None:
+        """Create `obj`; None when it already exists (someone else created it first)."""
+        meta = obj["metadata"]
+        path = self.path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""))
+        try:
+            created: Obj = self._call("POST", path, [("fieldManager", FIELD_MANAGER)], obj)
+        except ApiError as err:
+            if err.status == 409:
+                return None
+            raise
+        return created
+
+    def merge_patch(self, obj: Obj, patch: Obj) -> Obj:
+        result: Obj = self._call("PATCH", self.path_of(obj), [("fieldManager", FIELD_MANAGER)],
+                                 patch, "application/merge-patch+json")
+        return result
+
+
+def _copy(configuration: k8s.Configuration) -> k8s.Configuration:
+    import copy
+
+    return copy.copy(configuration)
+
+
+def tls_settings(configuration: k8s.Configuration) -> tuple[str | bool, tuple[str, str] | None,
+                                                            dict[str, str]]:
+    """What an httpx probe needs to reach the same server as the client: CA, client
+    certificate and auth header."""
+    verify: str | bool = configuration.ssl_ca_cert or configuration.verify_ssl
+    cert = (configuration.cert_file, configuration.key_file) \
+        if configuration.cert_file and configuration.key_file else None
+    headers = {}
+    token = (configuration.api_key or {}).get("authorization")
+    if token:
+        headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+    return verify, cert, headers

@@ -1,0 +1,64 @@
+"""Structured logs: JSON lines for Talos, readable lines on a terminal. Secrets never appear."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "<redacted>"
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str | bytes) -> None:
+    """Remember a secret value so that no log line or error message can carry it."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    with _secrets_lock:
+        for piece in (text, text.strip()):
+            if len(piece) >= 4:  # shorter values would redact ordinary words
+                _secrets.add(piece)
+
+
+def redact(text: str) -> str:
+    with _secrets_lock:
+        known = sorted(_secrets, key=len, reverse=True)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str | bytes):
+            event[key] = redact(value.decode(errors="replace") if isinstance(value, bytes)
+                                else value)
+        elif value is not None and not isinstance(value, int | float | bool):
+            event[key] = redact(str(value))
+    return event
+
+
+def configure(fmt: str | None = None) -> None:
+    """`fmt` json or console; by default console on a TTY and JSON otherwise."""
+    console = sys.stdout.isatty() if fmt is None else fmt == "console"
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=True) if console
+                     else structlog.processors.JSONRenderer())
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_event,
+            renderer,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str) -> Any:
+    return structlog.get_logger(step=name)

@@ -1,0 +1,1 @@
+"""Packaged presets: configs the image can boot with, and their appliance logic."""

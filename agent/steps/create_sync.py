@@ -1,0 +1,61 @@
+"""Step 5: the Git credentials Secret, the GitRepository and the root Kustomization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import desired, log
+from agent.config import GitCredentials
+from agent.context import RunContext
+from agent.converge import StepResult, ensure, parallel
+from agent.drift import differences
+from agent.errors import ConfigError, NeedsDecision
+
+_log = log.get("create-sync")
+Obj = dict[str, Any]
+
+
+def credentials_secret(credentials: GitCredentials, namespace: str) -> Obj:
+    values = {}
+    for key, path in credentials.files.items():
+        try:
+            values[key] = path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read Git credentials file ({err.strerror})") \
+                from None
+        log.register_secret(values[key])
+    return desired.secret(namespace, credentials.secret_name, values)
+
+
+def create(ctx: RunContext) -> StepResult:
+    sync = ctx.config.sync
+    wanted = [desired.git_repository(sync), desired.kustomization(sync)]
+    if sync.credentials is not None:
+        wanted.insert(0, credentials_secret(sync.credentials, sync.namespace))
+    live = parallel(ctx.kube.get_like, wanted)
+    _refuse_retargeting(ctx, wanted[-2], live[-2], wanted[-1], live[-1])
+    ctx.sync_objects = [o for o in live[-2:] if o is not None]
+    if all(o is not None and not differences(w, o) for w, o in zip(wanted, live, strict=True)):
+        return StepResult("create-sync", note=f"{sync.url} {sync.path} unchanged")
+    changes = ensure(ctx.kube, wanted, _log, live)
+    ctx.sync_objects = parallel(ctx.kube.get_like, wanted[-2:])  # type: ignore[arg-type]
+    return StepResult("create-sync", changes, f"{sync.url} {sync.path}")
+
+
+def _refuse_retargeting(ctx: RunContext, repo: Obj, live_repo: Obj | None, ks: Obj,
+                        live_ks: Obj | None) -> None:
+    """With prune on, pointing an existing sync elsewhere deletes the application."""
+    if ctx.force:
+        return
+    old_url = (live_repo or {}).get("spec", {}).get("url")
+    if old_url and old_url != repo["spec"]["url"]:
+        raise NeedsDecision(
+            f"GitRepository {ctx.config.sync.namespace}/{ctx.config.sync.name} syncs "
+            f"{old_url}, the config says {repo['spec']['url']}; with prune on, a wrong "
+            "source deletes the application. Fix sync.url, or re-run with --force")
+    old_path = (live_ks or {}).get("spec", {}).get("path")
+    if old_path and old_path != ks["spec"]["path"]:
+        raise NeedsDecision(
+            f"Kustomization {ctx.config.sync.namespace}/{ctx.config.sync.name} applies path "
+            f"{old_path}, the config says {ks['spec']['path']}; with prune on, a wrong path "
+            "deletes the application. Fix sync.path, or re-run with --force")

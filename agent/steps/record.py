@@ -1,0 +1,100 @@
+"""Step 7: record what the run did, in a ConfigMap (no secret values), and read the last one.
+
+The record is written only when something changed, so a re-run on a converged cluster
+makes no writes at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, desired, log
+from agent.bundle import FluxBundle
+from agent.config import Config, NamespaceSpec
+from agent.converge import StepResult, ensure
+from agent.kube import Kube
+
+_log = log.get("record")
+Obj = dict[str, Any]
+VOLATILE = ("startedAt", "finishedAt", "durationSeconds")
+
+
+def inputs_digest(config: Config, bundle: FluxBundle) -> str:
+    """Everything that decides the desired state: config, bundle, agent version, and the
+    digests (never the contents) of the files the config names."""
+    files: list[Path] = []
+    if config.sync.credentials:
+        files += config.sync.credentials.files.values()
+    files += [k.file for s in config.site.secrets for k in s.keys if k.file]
+    files += [m.file for m in config.site.manifests]
+    file_digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+                    if p.is_file()}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "source"}
+    blob = json.dumps([__version__, bundle.sha256, settings, file_digests], default=str,
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load(kube: Kube, config: Config) -> Obj | None:
+    live = kube.get("v1", "ConfigMap", config.record.name, config.record.namespace)
+    try:
+        record: Obj = json.loads((live or {}).get("data", {}).get("run.json", ""))
+    except ValueError:
+        return None
+    return record
+
+
+def build(config: Config, bundle: FluxBundle, digest: str, started: str, finished: str,
+          duration: float, steps: list[StepResult], error: str | None,
+          revision: str | None) -> Obj:
+    sync = config.sync
+    return {
+        "agentVersion": __version__,
+        "fluxVersion": bundle.version,
+        "fluxBundleSha256": bundle.sha256,
+        "sync": {"name": sync.name, "namespace": sync.namespace, "url": sync.url,
+                 "ref": sync.ref.as_spec(), "path": sync.path},
+        "revision": revision,
+        "result": "failed" if error else "succeeded",
+        "error": error,
+        "startedAt": started,
+        "finishedAt": finished,
+        "durationSeconds": round(duration, 2),
+        "steps": [{"name": s.name, "outcome": s.outcome, "changes": s.changes, "note": s.note}
+                  for s in steps],
+        "inputsDigest": digest,
+    }
+
+
+def _essence(record: Obj | None) -> Obj:
+    """A record without its timing; unchanged steps count the same however they were found."""
+    if record is None:
+        return {}
+    out = {k: v for k, v in record.items() if k not in VOLATILE and k != "steps"}
+    out["failedStep"] = next((s["name"] for s in record.get("steps", [])
+                              if s["outcome"] == "failed"), None)
+    return out
+
+
+def save(kube: Kube, config: Config, record: Obj, previous: Obj | None,
+         changed: bool) -> bool:
+    """Write the record unless the run changed nothing and found what the last one found."""
+    if not changed and _essence(record) == _essence(previous):
+        return False
+    body = json.dumps(record, indent=2, sort_keys=True)
+    ensure(kube, [desired.namespace(_record_namespace(config))], _log)
+    kube.apply(desired.run_record(config.record.namespace, config.record.name, body))
+    _log.info("run recorded", configmap=f"{config.record.namespace}/{config.record.name}",
+              result=record["result"])
+    return True
+
+
+def _record_namespace(config: Config) -> NamespaceSpec:
+    for spec in config.site.namespaces:
+        if spec.name == config.record.namespace:
+            return spec
+    return NamespaceSpec(config.record.namespace)

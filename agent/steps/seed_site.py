@@ -1,0 +1,135 @@
+"""Step 4: what the site needs from its first boot and Git cannot hold: namespaces,
+prerequisite manifests (storage), generated secrets, create-once ConfigMaps.
+
+Generated secrets and create-once ConfigMaps are created when absent and never
+overwritten: a re-run must not rotate a credential or revert a value changed in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any
+
+import yaml
+
+from agent import desired, log
+from agent.config import GeneratedSecret, NamespaceSpec, PrerequisiteManifest
+from agent.context import RunContext
+from agent.converge import StepResult, describe, ensure, parallel
+from agent.errors import ConfigError
+
+_log = log.get("seed-site")
+Obj = dict[str, Any]
+
+
+def namespaces(ctx: RunContext) -> list[Obj]:
+    """The site's namespaces, plus the one the run record lives in."""
+    specs = list(ctx.config.site.namespaces)
+    if ctx.config.record.namespace not in {n.name for n in specs}:
+        specs.append(NamespaceSpec(ctx.config.record.namespace))
+    return [desired.namespace(spec) for spec in specs]
+
+
+def seed(ctx: RunContext) -> StepResult:
+    site = ctx.config.site
+    if ctx.trust_previous and _present(ctx):
+        return StepResult("seed-site", note="site objects present")
+    changes = ensure(ctx.kube, namespaces(ctx), _log)
+    for manifest in site.manifests:
+        changes += _prerequisite(ctx, manifest)
+    changes += [c for c in parallel(lambda s: _generated_secret(ctx, s), site.secrets) if c]
+    for config_map in site.config_maps:
+        obj = desired.config_map(config_map)
+        if ctx.kube.get_like(obj) is None and ctx.kube.create(obj) is not None:
+            _log.info(f"created {describe(obj)}")
+            changes.append(f"created {describe(obj)}")
+    return StepResult("seed-site", changes)
+
+
+def load_manifest(manifest: PrerequisiteManifest) -> list[Obj]:
+    try:
+        docs = [d for d in yaml.safe_load_all(manifest.file.read_text()) if d]
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{manifest.file}: cannot read prerequisite manifest: {err}") from None
+    for doc in docs:
+        if not isinstance(doc, dict) or not doc.get("metadata", {}).get("name"):
+            raise ConfigError(f"{manifest.file}: every document must be a Kubernetes object")
+    return docs
+
+
+def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
+    if manifest.skip_if_exists is not None:
+        api_version, kind, namespace, name = manifest.skip_if_exists
+        if ctx.kube.get(api_version, kind, name, namespace) is not None:
+            _log.info(f"{kind} {name} exists; leaving {manifest.file.name} alone")
+            return []
+    objects = load_manifest(manifest)
+    # Namespaces first: the rest of the file may live in them.
+    first = [o for o in objects if o["kind"] == "Namespace"]
+    return ensure(ctx.kube, first, _log) + \
+        ensure(ctx.kube, [o for o in objects if o["kind"] != "Namespace"], _log)
+
+
+def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, bytes]:
+    values = {}
+    for key in spec.keys:
+        if only is not None and key.name not in only:
+            continue
+        if key.file is not None:
+            try:
+                value = key.file.read_bytes()
+            except OSError as err:
+                raise ConfigError(f"{key.file}: cannot read secret file for "
+                                  f"{spec.namespace}/{spec.name} key {key.name}: "
+                                  f"{err.strerror}") from None
+        else:
+            value = secrets.token_hex(key.generate_bytes).encode()
+        log.register_secret(value)
+        values[key.name] = value
+    return values
+
+
+def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> str | None:
+    live = ctx.kube.get("v1", "Secret", spec.name, spec.namespace)
+    if live is None:
+        obj = desired.generated_secret(spec, _values(spec))
+        if ctx.kube.create(obj) is None:
+            _log.info(f"{describe(obj)} was created meanwhile; keeping it")
+            return None
+        _log.info(f"created {describe(obj)}", keys=sorted(k.name for k in spec.keys))
+        return f"created {describe(obj)}"
+    missing = {k.name for k in spec.keys} - set((live.get("data") or {}).keys())
+    for value in (live.get("data") or {}).values():
+        log.register_secret(base64.b64decode(value))
+    if not missing:
+        return None
+    # Add only what is missing; existing values are never rotated.
+    patch = {"data": {k: base64.b64encode(v).decode()
+                      for k, v in _values(spec, missing).items()}}
+    ctx.kube.merge_patch(live, patch)
+    _log.info(f"added missing keys to Secret/{spec.namespace}/{spec.name}", keys=sorted(missing))
+    return f"updated Secret/{spec.namespace}/{spec.name}"
+
+
+def _present(ctx: RunContext) -> bool:
+    """A few list reads confirming every site object is still there."""
+    site = ctx.config.site
+    wanted: dict[tuple[str, str, str], set[str]] = {}
+    for ns in namespaces(ctx):
+        wanted.setdefault(("v1", "Namespace", ""), set()).add(ns["metadata"]["name"])
+    for s in site.secrets:
+        wanted.setdefault(("v1", "Secret", s.namespace), set()).add(s.name)
+    for c in site.config_maps:
+        wanted.setdefault(("v1", "ConfigMap", c.namespace), set()).add(c.name)
+    for m in site.manifests:
+        if m.skip_if_exists is not None:
+            api_version, kind, namespace, name = m.skip_if_exists
+            wanted.setdefault((api_version, kind, namespace), set()).add(name)
+
+    def complete(group: tuple[tuple[str, str, str], set[str]]) -> bool:
+        (api_version, kind, namespace), names = group
+        found = {o["metadata"]["name"] for o in ctx.kube.list(api_version, kind, namespace)}
+        return names <= found
+
+    return all(parallel(complete, wanted.items()))

@@ -1,0 +1,81 @@
+"""Step 1: wait until one of the API endpoints answers /readyz."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import tenacity
+
+from agent import log
+from agent.errors import BootstrapError
+
+_log = log.get("wait-api")
+
+
+class NotReady(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _BackoffOrRetryAfter(tenacity.wait.wait_base):
+    def __init__(self) -> None:
+        self.backoff = tenacity.wait_exponential_jitter(initial=0.25, max=10)
+
+    def __call__(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, NotReady) and exc.retry_after is not None:
+            return min(exc.retry_after, 30.0)
+        return float(self.backoff(state))
+
+
+def wait_for_api(endpoints: list[str], verify: str | bool, cert: tuple[str, str] | None,
+                 headers: dict[str, str], deadline: float) -> str:
+    """Probe each endpoint's /readyz in order until one says ok; return that endpoint.
+    Refused connections, TLS errors while the server starts, 5xx and 429 are expected."""
+    started = time.monotonic()
+    with httpx.Client(verify=verify, cert=cert, headers=headers, timeout=3.0) as client:
+
+        def probe() -> str:
+            failures = []
+            retry_after = None
+            for endpoint in endpoints:
+                try:
+                    response = client.get(f"{endpoint}/readyz")
+                except httpx.HTTPError as err:
+                    failures.append(f"{endpoint}: {type(err).__name__}: {err}"[:200])
+                    continue
+                if response.status_code == 200:
+                    return endpoint
+                if response.status_code in (401, 403):
+                    raise BootstrapError(
+                        f"{endpoint} rejected the credentials (HTTP {response.status_code}); "
+                        "check the kubeconfig")
+                header = response.headers.get("Retry-After", "")
+                if header.isdigit():
+                    retry_after = float(header)
+                failures.append(f"{endpoint}: HTTP {response.status_code}")
+            raise NotReady("; ".join(failures), retry_after)
+
+        def progress(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            _log.info("API not ready yet", attempt=state.attempt_number,
+                      waited_s=round(time.monotonic() - started, 1),
+                      deadline_in_s=round(deadline - time.monotonic()), detail=str(exc))
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(NotReady),
+            wait=_BackoffOrRetryAfter(),
+            stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
+            before_sleep=progress,
+            reraise=True,
+        )
+        try:
+            endpoint: str = retrying(probe)
+        except NotReady as err:
+            raise BootstrapError(f"the Kubernetes API did not become ready within "
+                                 f"{round(time.monotonic() - started)}s ({err}); it is "
+                                 "retried on the next run") from None
+    _log.info("API ready", endpoint=endpoint, waited_s=round(time.monotonic() - started, 2))
+    return endpoint

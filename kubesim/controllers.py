@@ -1,0 +1,179 @@
+"""Stand-ins for what a real cluster's controllers would do, each after a short delay."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubesim.store import ApiError, Store, now
+
+SOURCE = ("source.toolkit.fluxcd.io", "gitrepositories")
+KUSTOMIZE = ("kustomize.toolkit.fluxcd.io", "kustomizations")
+REQUESTED_AT = "reconcile.fluxcd.io/requestedAt"
+
+
+@dataclass
+class Outcome:
+    """A failure a test wants a Flux object to report."""
+
+    reason: str
+    message: str
+    stalled: bool = False
+
+
+@dataclass
+class Controllers:
+    store: Store
+    delay: float = 0.2
+    source_failures: dict[str, Outcome] = field(default_factory=dict)  # by GitRepository URL
+    kustomization_failures: dict[str, Outcome] = field(default_factory=dict)  # by name
+    errors: list[str] = field(default_factory=list)
+    _first_seen: dict[tuple[Any, ...], float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="kubesim-controllers", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.reconcile_once()
+            except ApiError as err:
+                # Usually an object changed under us and the next tick sees the new state;
+                # kept for tests, which assert the stand-ins never write invalid status.
+                self.errors.append(err.message)
+
+    def _due(self, key: tuple[Any, ...]) -> bool:
+        seen = self._first_seen.setdefault(key, time.monotonic())
+        return time.monotonic() - seen >= self.delay
+
+    def _objects(self, group: str, plural: str) -> list[dict[str, Any]]:
+        for (g, _v, p), t in list(self.store.types.items()):
+            if (g, p) == (group, plural):
+                return self.store.list(t, "")[0]
+        return []
+
+    def _set_status(self, obj: dict[str, Any], status: dict[str, Any], manager: str) -> None:
+        api_version = obj["apiVersion"]
+        t = self.store.type_for_kind(api_version, obj["kind"])
+        meta = obj["metadata"]
+        self.store.update(t, meta.get("namespace", ""), meta["name"], {"status": status},
+                          manager, subresource="status")
+
+    def reconcile_once(self) -> None:
+        for deploy in self._objects("apps", "deployments"):
+            self._deployment(deploy)
+        for repo in self._objects(*SOURCE):
+            self._git_repository(repo)
+        for ks in self._objects(*KUSTOMIZE):
+            self._kustomization(ks)
+
+    def _deployment(self, d: dict[str, Any]) -> None:
+        meta, status = d["metadata"], d.get("status", {})
+        if status.get("observedGeneration") == meta["generation"]:
+            return
+        if not self._due(("deploy", meta["namespace"], meta["name"], meta["generation"])):
+            return
+        replicas = d.get("spec", {}).get("replicas", 1)
+        self._set_status(d, {
+            "observedGeneration": meta["generation"], "replicas": replicas,
+            "updatedReplicas": replicas, "readyReplicas": replicas,
+            "availableReplicas": replicas,
+            "conditions": [
+                _cond("Available", "True", "MinimumReplicasAvailable",
+                      "Deployment has minimum availability."),
+                _cond("Progressing", "True", "NewReplicaSetAvailable",
+                      f'ReplicaSet "{meta["name"]}" has successfully progressed.'),
+            ]}, "kube-controller-manager")
+
+    def _git_repository(self, repo: dict[str, Any]) -> None:
+        meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
+        requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
+        if status.get("observedGeneration") == meta["generation"] and \
+                status.get("lastHandledReconcileAt", "") == requested:
+            return
+        if not self._due(("git", meta["namespace"], meta["name"], meta["generation"], requested)):
+            return
+        new: dict[str, Any] = {"observedGeneration": meta["generation"]}
+        if requested:
+            new["lastHandledReconcileAt"] = requested
+        failure = self.source_failures.get(spec.get("url", ""))
+        if failure:
+            new["conditions"] = [_cond("Ready", "False", failure.reason, failure.message),
+                                 _cond("FetchFailed", "True", failure.reason, failure.message)]
+            if failure.stalled:
+                new["conditions"].append(_cond("Stalled", "True", failure.reason,
+                                               failure.message))
+        else:
+            revision = git_revision(spec)
+            path = (f"gitrepository/{meta['namespace']}/{meta['name']}/"
+                    f"{revision.rsplit(':', 1)[-1]}.tar.gz")
+            new["artifact"] = {
+                "revision": revision, "path": path,
+                "url": f"http://source-controller.flux-system.svc.cluster.local./{path}",
+                "digest": "sha256:" + hashlib.sha256(revision.encode()).hexdigest(),
+                "lastUpdateTime": now(),
+            }
+            message = f"stored artifact for revision '{revision}'"
+            new["conditions"] = [_cond("Ready", "True", "Succeeded", message),
+                                 _cond("ArtifactInStorage", "True", "Succeeded", message)]
+        self._set_status(repo, new, "source-controller")
+
+    def _kustomization(self, ks: dict[str, Any]) -> None:
+        meta, spec, status = ks["metadata"], ks.get("spec", {}), ks.get("status", {})
+        ref = spec.get("sourceRef", {})
+        source = self._source(ref.get("namespace", meta["namespace"]), ref.get("name", ""))
+        revision = (source or {}).get("status", {}).get("artifact", {}).get("revision", "")
+        requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
+        if status.get("observedGeneration") == meta["generation"] and \
+                status.get("lastAttemptedRevision", "") == revision and \
+                status.get("lastHandledReconcileAt", "") == requested:
+            return
+        key = ("ks", meta["namespace"], meta["name"], meta["generation"], revision, requested)
+        if not self._due(key):
+            return
+        new: dict[str, Any] = {"observedGeneration": meta["generation"]}
+        if requested:
+            new["lastHandledReconcileAt"] = requested
+        failure = self.kustomization_failures.get(meta["name"])
+        if not revision:
+            message = f"Source artifact not found, retrying in {spec.get('retryInterval', '30s')}"
+            new["conditions"] = [_cond("Ready", "False", "ArtifactFailed", message)]
+        elif failure:
+            new["lastAttemptedRevision"] = revision
+            new["conditions"] = [_cond("Ready", "False", failure.reason, failure.message)]
+            if failure.stalled:
+                new["conditions"].append(_cond("Stalled", "True", failure.reason,
+                                               failure.message))
+        else:
+            new["lastAttemptedRevision"] = new["lastAppliedRevision"] = revision
+            new["conditions"] = [_cond("Ready", "True", "ReconciliationSucceeded",
+                                       f"Applied revision: {revision}")]
+        self._set_status(ks, new, "kustomize-controller")
+
+    def _source(self, namespace: str, name: str) -> dict[str, Any] | None:
+        for repo in self._objects(*SOURCE):
+            if (repo["metadata"]["namespace"], repo["metadata"]["name"]) == (namespace, name):
+                return repo
+        return None
+
+
+def git_revision(spec: dict[str, Any]) -> str:
+    """A stable fake revision in Flux's `<ref>@sha1:<hash>` form."""
+    ref = spec.get("ref", {})
+    digest = hashlib.sha1(f"{spec.get('url')}{sorted(ref.items())}".encode()).hexdigest()
+    if "commit" in ref:
+        return f"sha1:{ref['commit']}"
+    name = ref.get("branch") or ref.get("tag") or ref.get("semver") or ref.get("name") or "HEAD"
+    return f"{name}@sha1:{digest}"
+
+
+def _cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": now()}

@@ -1,0 +1,98 @@
+"""Validation of custom objects against a CRD's openAPIV3Schema, with the real server's wording."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_TYPE_CHECKS = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def _json_type(value: Any) -> str:
+    for name in ("boolean", "integer", "number", "string", "array", "object"):
+        if _TYPE_CHECKS[name](value):
+            return name
+    return "null"
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def validate(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
+    """Errors, each `path: reason`, as kube-apiserver words them; empty when valid."""
+    errors: list[str] = []
+    # metadata is validated by the server itself, never by the CRD schema.
+    body = {k: v for k, v in obj.items() if k not in ("metadata", "apiVersion", "kind")}
+    props = dict(schema.get("properties", {}))
+    for key in ("metadata", "apiVersion", "kind"):
+        props.pop(key, None)
+    _check({**schema, "properties": props,
+            "required": [r for r in schema.get("required", [])
+                         if r not in ("metadata", "apiVersion", "kind")]},
+           body, "", errors)
+    return errors
+
+
+def _check(schema: dict[str, Any], value: Any, path: str, errors: list[str]) -> None:
+    if value is None:
+        if not schema.get("nullable"):
+            errors.append(f"{path}: Invalid value: \"null\": {path} in body must be of type "
+                          f"{schema.get('type', 'object')}: \"null\"")
+        return
+    if schema.get("x-kubernetes-int-or-string"):
+        if not isinstance(value, int | str) or isinstance(value, bool):
+            errors.append(f"{path}: Invalid value: \"{_json_type(value)}\": {path} in body must "
+                          "be of type integer,string")
+        return
+    expected = schema.get("type")
+    if expected and not _TYPE_CHECKS[expected](value):
+        actual = _json_type(value)
+        errors.append(f"{path}: Invalid value: \"{actual}\": {path} in body must be of type "
+                      f"{expected}: \"{actual}\"")
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        supported = ", ".join(_show(v) for v in schema["enum"])
+        errors.append(f"{path}: Unsupported value: {_show(value)}: supported values: {supported}")
+    if isinstance(value, str):
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{path}: Invalid value: {_show(value)}: {path} in body should match "
+                          f"'{schema['pattern']}'")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append(f"{path}: Too long: may not be more than {schema['maxLength']} bytes")
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            errors.append(f"{path}: Invalid value: {_show(value)}: {path} in body should be at "
+                          f"least {schema['minLength']} chars long")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{path}: Invalid value: {value}: {path} in body should be greater than "
+                          f"or equal to {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{path}: Invalid value: {value}: {path} in body should be less than "
+                          f"or equal to {schema['maximum']}")
+    if isinstance(value, dict):
+        for name in schema.get("required", []):
+            if name not in value:
+                errors.append(f"{_join(path, name)}: Required value")
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, child in value.items():
+            if key in props:
+                _check(props[key], child, _join(path, key), errors)
+            elif isinstance(extra, dict):
+                _check(extra, child, _join(path, key), errors)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            _check(schema["items"], item, f"{path}[{index}]", errors)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
