@@ -62,31 +62,45 @@ def load(path: Path, expected_sha256: str) -> FluxBundle:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read the Flux bundle ({err.strerror}); set "
-                          "flux.manifests or --flux-manifests to the `flux install --export` "
-                          "file") from None
+        raise ConfigError(
+            f"{path}: cannot read the Flux bundle ({err.strerror}); set "
+            "flux.manifests or --flux-manifests to the `flux install --export` "
+            "file"
+        ) from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
-        raise ConfigError(f"{path}: sha256 is {actual}, but flux.sha256 pins "
-                          f"{expected_sha256}; use the bundle the config pins, or pin this one "
-                          "after checking where it came from")
+        raise ConfigError(
+            f"{path}: sha256 is {actual}, but flux.sha256 pins "
+            f"{expected_sha256}; use the bundle the config pins, or pin this one "
+            "after checking where it came from"
+        )
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         objects = tuple(o for o in yaml.load_all(data, Loader=loader) if o)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     for obj in objects:
-        if not isinstance(obj, dict) or not obj.get("kind") or not obj.get("apiVersion") \
-                or not obj.get("metadata", {}).get("name"):
-            raise ConfigError(f"{path}: every document must be a Kubernetes object with "
-                              "apiVersion, kind and metadata.name")
-    versions = {o["metadata"].get("labels", {}).get("app.kubernetes.io/version")
-                for o in objects} - {None}
+        if (
+            not isinstance(obj, dict)
+            or not obj.get("kind")
+            or not obj.get("apiVersion")
+            or not obj.get("metadata", {}).get("name")
+        ):
+            raise ConfigError(
+                f"{path}: every document must be a Kubernetes object with "
+                "apiVersion, kind and metadata.name"
+            )
+    versions = {
+        o["metadata"].get("labels", {}).get("app.kubernetes.io/version") for o in objects
+    } - {None}
     if len(versions) != 1:
-        raise ConfigError(f"{path}: cannot tell the Flux version (app.kubernetes.io/version "
-                          f"labels: {sorted(versions) or 'none'}); is this `flux install "
-                          "--export` output?")
+        raise ConfigError(
+            f"{path}: cannot tell the Flux version (app.kubernetes.io/version "
+            f"labels: {sorted(versions) or 'none'}); is this `flux install "
+            "--export` output?"
+        )
     if not any(o["kind"] == "CustomResourceDefinition" for o in objects):
-        raise ConfigError(f"{path}: holds no CustomResourceDefinitions; is this `flux install "
-                          "--export` output?")
+        raise ConfigError(
+            f"{path}: holds no CustomResourceDefinitions; is this `flux install --export` output?"
+        )
     return FluxBundle(path, actual, versions.pop(), objects)

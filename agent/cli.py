@@ -39,32 +39,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alga-bootstrap",
         description="First-boot agent: installs the bundled Flux and hands the appliance over "
-                    "to it.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "to it.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    config_help = (f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}, else "
-                   "the built-in Alga preset)")
+    config_help = (
+        f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}, else "
+        "the built-in Alga preset)"
+    )
 
-    run = sub.add_parser("run", help="bootstrap the cluster (what the boot service runs)",
-                         epilog=EXIT_CODES_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="bootstrap the cluster (what the boot service runs)",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--config", type=Path, help=config_help)
-    run.add_argument("--kubeconfig", type=Path,
-                     help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)")
-    run.add_argument("--flux-manifests", type=Path,
-                     help="Flux bundle (`flux install --export`), overriding flux.manifests; "
-                          "its sha256 must still match flux.sha256")
-    run.add_argument("--timeout", type=parse_duration, default=parse_duration("30m"),
-                     help="give up after this long (default 30m)")
-    run.add_argument("--force", action="store_true",
-                     help="overrule a refusal (exit 3): take over a Flux managed by another "
-                          "tool, downgrade Flux, re-target an existing sync")
-    run.add_argument("--log-format", choices=["json", "console"],
-                     help="default: console on a terminal, JSON lines otherwise")
+    run.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)",
+    )
+    run.add_argument(
+        "--flux-manifests",
+        type=Path,
+        help="Flux bundle (`flux install --export`), overriding flux.manifests; "
+        "its sha256 must still match flux.sha256",
+    )
+    run.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=parse_duration("30m"),
+        help="give up after this long (default 30m)",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="overrule a refusal (exit 3): take over a Flux managed by another "
+        "tool, downgrade Flux, re-target an existing sync",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        help="default: console on a terminal, JSON lines otherwise",
+    )
 
-    validate = sub.add_parser("validate", help="check a config and the files it names, "
-                              "without a cluster", epilog=EXIT_CODES_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate = sub.add_parser(
+        "validate",
+        help="check a config and the files it names, without a cluster",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     validate.add_argument("--config", type=Path, help=config_help)
     validate.add_argument("--flux-manifests", type=Path, help="check this bundle instead")
 
@@ -88,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except Exception as err:  # a bug: still one line, never a traceback or a secret
         message = log.redact(f"{type(err).__name__}: {err}")
-        print(f"alga-bootstrap: internal error: {message}; a re-run may succeed, please "
-              "report it", file=sys.stderr)
+        print(
+            f"alga-bootstrap: internal error: {message}; a re-run may succeed, please report it",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 
@@ -108,8 +136,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _validate(args)
     from agent.run import RunOptions, run
 
-    run(RunOptions(args.config, args.kubeconfig, args.flux_manifests, args.timeout,
-                   args.force))
+    run(RunOptions(args.config, args.kubeconfig, args.flux_manifests, args.timeout, args.force))
     return EXIT_OK
 
 
@@ -122,6 +149,8 @@ def _validate(args: argparse.Namespace) -> int:
     bundle = flux_bundle.load(args.flux_manifests or config.flux.manifests, config.flux.sha256)
     for manifest in config.site.manifests:
         load_manifest(manifest)
-    print(f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
-          f"{config.sync.ref.kind}={config.sync.ref.value} {config.sync.path})")
+    print(
+        f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
+        f"{config.sync.ref.kind}={config.sync.ref.value} {config.sync.path})"
+    )
     return EXIT_OK

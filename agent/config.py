@@ -168,8 +168,13 @@ class _Section:
         child = f"{self.path}.{key}" if self.path else key
         return _Section(self.raw(key), child, self.source, self.base_dir)
 
-    def text(self, key: str, default: str | None = None, pattern: re.Pattern[str] | None = None,
-            hint: str = "") -> str:
+    def text(
+        self,
+        key: str,
+        default: str | None = None,
+        pattern: re.Pattern[str] | None = None,
+        hint: str = "",
+    ) -> str:
         value = self.raw(key)
         if value is None:
             if default is None:
@@ -228,8 +233,7 @@ class _Section:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
-            self.fail("must be a mapping of strings to strings (quote numbers and booleans)",
-                      key)
+            self.fail("must be a mapping of strings to strings (quote numbers and booleans)", key)
         return dict(value)
 
     def close(self) -> None:
@@ -260,8 +264,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; pass --config PATH or set "
-                          f"{CONFIG_ENV}") from None
+        raise ConfigError(
+            f"{path}: config file not found; pass --config PATH or set {CONFIG_ENV}"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
     try:
@@ -293,8 +298,9 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     if preset_name is not None:
         if not isinstance(preset_name, str) or not (PRESET_DIR / f"{preset_name}.yaml").is_file():
             names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-            raise ConfigError(f"{source}: preset: unknown preset {preset_name!r}; "
-                              f"choose one of: {names}")
+            raise ConfigError(
+                f"{source}: preset: unknown preset {preset_name!r}; choose one of: {names}"
+            )
         preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
         data = _merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
     from agent import appliance  # appliance presets expand their own section into site objects
@@ -352,19 +358,25 @@ def _sync(s: _Section) -> SyncConfig:
     patches = s.items("patches")
     for i, patch in enumerate(patches):
         if not isinstance(patch, dict) or not isinstance(patch.get("patch"), str):
-            s.fail("each patch needs `patch` (a string) and may have `target`",
-                   f"patches[{i}]")
-    credentials = _credentials(s.section("credentials"), name, url) \
-        if s.has("credentials") else None
+            s.fail("each patch needs `patch` (a string) and may have `target`", f"patches[{i}]")
+    credentials = (
+        _credentials(s.section("credentials"), name, url) if s.has("credentials") else None
+    )
     s.raw("credentials")
     config = SyncConfig(
-        name=name, namespace=namespace, url=url, ref=ref, path=path,
+        name=name,
+        namespace=namespace,
+        url=url,
+        ref=ref,
+        path=path,
         source_interval=s.duration("sourceInterval", "1m"),
         interval=s.duration("interval", "10m"),
         retry_interval=s.duration("retryInterval", "1m"),
         timeout=s.duration("timeout", "5m"),
-        prune=s.flag("prune", True), wait=s.flag("wait", False),
-        patches=tuple(patches), credentials=credentials,
+        prune=s.flag("prune", True),
+        wait=s.flag("wait", False),
+        patches=tuple(patches),
+        credentials=credentials,
     )
     s.close()
     return config
@@ -399,10 +411,16 @@ def _ref(s: _Section) -> GitRef:
 
 def _credentials(s: _Section, sync_name: str, url: str) -> GitCredentials:
     secret_name = s.text("secretName", f"{sync_name}-git", DNS_SUBDOMAIN)
-    keys = {"identityFile": "identity", "knownHostsFile": "known_hosts",
-            "passwordFile": "password", "usernameFile": "username",
-            "bearerTokenFile": "bearerToken", "caFile": "ca.crt",
-            "certFile": "tls.crt", "keyFile": "tls.key"}
+    keys = {
+        "identityFile": "identity",
+        "knownHostsFile": "known_hosts",
+        "passwordFile": "password",
+        "usernameFile": "username",
+        "bearerTokenFile": "bearerToken",
+        "caFile": "ca.crt",
+        "certFile": "tls.crt",
+        "keyFile": "tls.key",
+    }
     files: dict[str, Path] = {}
     for field_name, secret_key in keys.items():
         path = s.file(field_name, required=False)
@@ -413,8 +431,11 @@ def _credentials(s: _Section, sync_name: str, url: str) -> GitCredentials:
     if ssh and not {"identity", "known_hosts"} <= files.keys():
         s.fail("an ssh:// URL needs identityFile and knownHostsFile")
     if not ssh and "identity" in files:
-        s.fail("identityFile is for ssh:// URLs; use usernameFile and passwordFile, or "
-               "bearerTokenFile, for https://", "identityFile")
+        s.fail(
+            "identityFile is for ssh:// URLs; use usernameFile and passwordFile, or "
+            "bearerTokenFile, for https://",
+            "identityFile",
+        )
     if "username" in files and "password" not in files:
         s.fail("usernameFile needs passwordFile", "usernameFile")
     if "password" in files and not ssh and "username" not in files:
@@ -438,9 +459,13 @@ def _site(s: _Section) -> SiteConfig:
     config_maps = []
     for i, item in enumerate(s.items("configMaps")):
         c = _item(item, f"site.configMaps[{i}]", s)
-        config_maps.append(CreateOnceConfigMap(c.text("namespace", pattern=DNS_LABEL),
-                                               c.text("name", pattern=DNS_SUBDOMAIN),
-                                               c.string_map("data")))
+        config_maps.append(
+            CreateOnceConfigMap(
+                c.text("namespace", pattern=DNS_LABEL),
+                c.text("name", pattern=DNS_SUBDOMAIN),
+                c.string_map("data"),
+            )
+        )
         c.close()
     manifests = []
     for i, item in enumerate(s.items("manifests")):
@@ -466,8 +491,9 @@ def _generated_secret(s: _Section) -> GeneratedSecret:
     keys = []
     for key in keys_section.data:
         if not isinstance(key, str) or not SECRET_KEY.match(key):
-            keys_section.fail("Secret keys may hold only letters, digits, '-', '_' and '.'",
-                              str(key))
+            keys_section.fail(
+                "Secret keys may hold only letters, digits, '-', '_' and '.'", str(key)
+            )
         spec = keys_section.section(key)
         has_generate, has_file = spec.has("generate"), spec.has("file")
         if has_generate == has_file:
@@ -492,7 +518,9 @@ def _generated_secret(s: _Section) -> GeneratedSecret:
 
 
 def _record(s: _Section) -> RecordConfig:
-    record = RecordConfig(s.text("namespace", "alga-system", DNS_LABEL),
-                          s.text("name", "alga-bootstrap-run", DNS_SUBDOMAIN))
+    record = RecordConfig(
+        s.text("namespace", "alga-system", DNS_LABEL),
+        s.text("name", "alga-bootstrap-run", DNS_SUBDOMAIN),
+    )
     s.close()
     return record

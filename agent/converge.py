@@ -17,6 +17,8 @@ from agent.kube import Kube
 Obj = dict[str, Any]
 T = TypeVar("T")
 PARALLEL_REQUESTS = 8
+FAST_POLL_S = 5.0
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -44,12 +46,37 @@ def parallel(func: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         return list(pool.map(func, items))
 
 
-def ensure(kube: Kube, objects: list[Obj], log: Any,
-           live: list[Obj | None] | None = None) -> list[str]:
+def fetch_live(kube: Kube, objects: list[Obj]) -> list[Obj | None]:
+    """The live copy of each object (None where missing): one list request per kind and
+    namespace holding several of them, a get for the rest, all concurrently."""
+    groups: dict[tuple[str, str, str], list[Obj]] = {}
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace", ""))
+        groups.setdefault(key, []).append(obj)
+
+    def read(group: tuple[tuple[str, str, str], list[Obj]]) -> dict[str, Obj]:
+        (api_version, kind, namespace), members = group
+        if len(members) == 1:
+            found = kube.get_like(members[0])
+            return {found["metadata"]["name"]: found} if found else {}
+        return {o["metadata"]["name"]: o for o in kube.list(api_version, kind, namespace)}
+
+    by_group = dict(zip(groups, parallel(read, groups.items()), strict=True))
+    return [
+        by_group[(o["apiVersion"], o["kind"], o["metadata"].get("namespace", ""))].get(
+            o["metadata"]["name"]
+        )
+        for o in objects
+    ]
+
+
+def ensure(
+    kube: Kube, objects: list[Obj], log: Any, live: list[Obj | None] | None = None
+) -> list[str]:
     """Apply each object whose live copy is missing or differs; independent objects go
     concurrently. Returns what was created or updated."""
     if live is None:
-        live = parallel(kube.get_like, objects)
+        live = fetch_live(kube, objects)
     todo: list[tuple[Obj, str, list[str]]] = []
     for desired, current in zip(objects, live, strict=True):
         if current is None:
@@ -63,34 +90,46 @@ def ensure(kube: Kube, objects: list[Obj], log: Any,
         desired, verb, drifted = item
         kube.apply(desired)
         # Field paths only: values (which may be secret) are never logged.
-        log.info(f"{verb} {describe(desired)}", fields=drifted[:10] or None)
+        details = {"fields": drifted[:10]} if drifted else {}
+        log.info(f"{verb} {describe(desired)}", **details)
         return f"{verb} {describe(desired)}"
 
     return parallel(apply, todo)
 
 
-def wait_until(what: str, check: Callable[[], T | None], deadline: float, log: Any,
-               interval: float = 1.0) -> T:
-    """Poll `check` until it returns something, or fail when the run's deadline passes."""
+def wait_until(
+    what: str, check: Callable[[], T | None], deadline: float, log: Any, interval: float = 1.0
+) -> T:
+    """Poll `check` until it returns something, or fail when the run's deadline passes.
+    Polls every 0.1 s for the first seconds (most waits are short), then every `interval`."""
     started = time.monotonic()
 
-    def note(state: tenacity.RetryCallState) -> None:
-        if state.attempt_number % 10 == 0:
-            log.info(f"still waiting for {what}", waited_s=round(time.monotonic() - started),
-                     deadline_in_s=round(deadline - time.monotonic()))
+    last_note = started
+
+    def note(_: tenacity.RetryCallState) -> None:
+        nonlocal last_note
+        if time.monotonic() - last_note >= PROGRESS_EVERY_S:
+            last_note = time.monotonic()
+            log.info(
+                f"still waiting for {what}",
+                waited_s=round(time.monotonic() - started),
+                deadline_in_s=round(deadline - time.monotonic()),
+            )
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda result: result is None),
-        wait=tenacity.wait_fixed(interval),
+        wait=lambda _: 0.1 if time.monotonic() - started < FAST_POLL_S else interval,
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
         retry_error_callback=lambda _: None,
     )
     result = retrying(check)
     if result is None:
-        raise BootstrapError(f"timed out waiting for {what} after "
-                             f"{round(time.monotonic() - started)}s; re-run with a longer "
-                             "--timeout, or check the cluster (alga-bootstrap status)")
+        raise BootstrapError(
+            f"timed out waiting for {what} after "
+            f"{round(time.monotonic() - started)}s; re-run with a longer "
+            "--timeout, or check the cluster (alga-bootstrap status)"
+        )
     return result
 
 
@@ -108,5 +147,6 @@ def is_true(obj: Obj | None, kind: str) -> bool:
 
 
 def observed_current(obj: Obj) -> bool:
-    return bool(obj.get("status", {}).get("observedGeneration", -1)
-                >= obj["metadata"].get("generation", 0))
+    return bool(
+        obj.get("status", {}).get("observedGeneration", -1) >= obj["metadata"].get("generation", 0)
+    )

@@ -24,7 +24,9 @@ def namespace(spec: NamespaceSpec) -> Obj:
 
 def secret(namespace_name: str, name: str, values: dict[str, bytes]) -> Obj:
     return {
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
         "metadata": _meta(name, namespace_name),
         "data": {k: base64.b64encode(v).decode() for k, v in sorted(values.items())},
     }
@@ -35,16 +37,24 @@ def generated_secret(spec: GeneratedSecret, values: dict[str, bytes]) -> Obj:
 
 
 def config_map(spec: CreateOnceConfigMap) -> Obj:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(spec.name, spec.namespace), "data": dict(spec.data)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(spec.name, spec.namespace),
+        "data": dict(spec.data),
+    }
 
 
 def git_repository(sync: SyncConfig) -> Obj:
     spec: Obj = {"url": sync.url, "ref": sync.ref.as_spec(), "interval": sync.source_interval}
     if sync.credentials is not None:
         spec["secretRef"] = {"name": sync.credentials.secret_name}
-    return {"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
-            "metadata": _meta(sync.name, sync.namespace), "spec": spec}
+    return {
+        "apiVersion": "source.toolkit.fluxcd.io/v1",
+        "kind": "GitRepository",
+        "metadata": _meta(sync.name, sync.namespace),
+        "spec": spec,
+    }
 
 
 def kustomization(sync: SyncConfig) -> Obj:
@@ -59,10 +69,18 @@ def kustomization(sync: SyncConfig) -> Obj:
     }
     if sync.patches:
         spec["patches"] = [dict(p) for p in sync.patches]
-    return {"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
-            "metadata": _meta(sync.name, sync.namespace), "spec": spec}
+    return {
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
+        "kind": "Kustomization",
+        "metadata": _meta(sync.name, sync.namespace),
+        "spec": spec,
+    }
 
 
 def run_record(namespace_name: str, name: str, record_json: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, namespace_name),
-            "data": {"run.json": record_json}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(name, namespace_name),
+        "data": {"run.json": record_json},
+    }

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # Fields the server owns; never compared.
-_IGNORED_METADATA = {"resourceVersion", "generation", "uid", "creationTimestamp",
-                     "managedFields"}
+_IGNORED_METADATA = {"resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"}
 
 
 def differences(desired: Any, live: Any, path: str = "") -> list[str]:

@@ -50,8 +50,9 @@ BUILTIN_KINDS: dict[tuple[str, str], Kind] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): Kind("networkpolicies", True),
     ("storage.k8s.io/v1", "StorageClass"): Kind("storageclasses", False),
     ("coordination.k8s.io/v1", "Lease"): Kind("leases", True),
-    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"):
-        Kind("customresourcedefinitions", False),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): Kind(
+        "customresourcedefinitions", False
+    ),
 }
 
 
@@ -94,8 +95,9 @@ class _RetryAfterOrBackoff(tenacity.wait.wait_base):
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.get("kube").warning("request failed, retrying", attempt=state.attempt_number,
-                            error=str(exc)[:300])
+    log.get("kube").warning(
+        "request failed, retrying", attempt=state.attempt_number, error=str(exc)[:300]
+    )
 
 
 _retry = tenacity.retry(
@@ -114,8 +116,10 @@ def load_kubeconfig(path: Path) -> k8s.Configuration:
 
         data = yaml.safe_load(path.read_text())
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read kubeconfig ({err.strerror}); pass --kubeconfig "
-                          "or set cluster.kubeconfig") from None
+        raise ConfigError(
+            f"{path}: cannot read kubeconfig ({err.strerror}); pass --kubeconfig "
+            "or set cluster.kubeconfig"
+        ) from None
     except Exception:
         raise ConfigError(f"{path}: kubeconfig is not valid YAML") from None
     return configuration_from_dict(data, str(path))
@@ -126,8 +130,7 @@ def configuration_from_dict(data: Any, source: str) -> k8s.Configuration:
         raise ConfigError(f"{source}: kubeconfig must be a YAML mapping")
     configuration = k8s.Configuration()
     try:
-        load_kube_config_from_dict(data, client_configuration=configuration,
-                                   persist_config=False)
+        load_kube_config_from_dict(data, client_configuration=configuration, persist_config=False)
     except (ConfigException, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{source}: kubeconfig is unusable: {err}") from None
     for value in (configuration.api_key or {}).values():
@@ -160,7 +163,8 @@ class Kube:
             for version in spec["versions"]:
                 api_version = f"{spec['group']}/{version['name']}"
                 self.kinds[(api_version, spec["names"]["kind"])] = Kind(
-                    spec["names"]["plural"], spec.get("scope") == "Namespaced")
+                    spec["names"]["plural"], spec.get("scope") == "Namespaced"
+                )
 
     def path(self, api_version: str, kind: str, namespace: str = "", name: str = "") -> str:
         found = self.kinds.get((api_version, kind))
@@ -179,14 +183,27 @@ class Kube:
     # -- requests ----------------------------------------------------------------------------
 
     @_retry
-    def _call(self, method: str, path: str, query: list[tuple[str, str]] | None = None,
-              body: Any = None, content_type: str = "application/json") -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             response = self._api.call_api(
-                path, method, query_params=query or [], header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=(5, 30))
+                path,
+                method,
+                query_params=query or [],
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=(5, 30),
+            )
         except ApiException as err:
             failure = _describe(err)
             retry_after = (err.headers or {}).get("Retry-After")
@@ -212,8 +229,9 @@ class Kube:
         meta = obj["metadata"]
         return self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace", ""))
 
-    def list(self, api_version: str, kind: str, namespace: str = "",
-             label_selector: str = "") -> list[Obj]:
+    def list(
+        self, api_version: str, kind: str, namespace: str = "", label_selector: str = ""
+    ) -> list[Obj]:
         query = [("labelSelector", label_selector)] if label_selector else []
         try:
             result = self._call("GET", self.path(api_version, kind, namespace), query)
@@ -232,8 +250,9 @@ class Kube:
         query = [("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")]
         if dry_run:
             query.append(("dryRun", "All"))
-        result: Obj = self._call("PATCH", self.path_of(obj), query, obj,
-                                 "application/apply-patch+yaml")
+        result: Obj = self._call(
+            "PATCH", self.path_of(obj), query, obj, "application/apply-patch+yaml"
+        )
         return result
 
     def create(self, obj: Obj) -> Obj | None:
@@ -249,8 +268,13 @@ class Kube:
         return created
 
     def merge_patch(self, obj: Obj, patch: Obj) -> Obj:
-        result: Obj = self._call("PATCH", self.path_of(obj), [("fieldManager", FIELD_MANAGER)],
-                                 patch, "application/merge-patch+json")
+        result: Obj = self._call(
+            "PATCH",
+            self.path_of(obj),
+            [("fieldManager", FIELD_MANAGER)],
+            patch,
+            "application/merge-patch+json",
+        )
         return result
 
 
@@ -260,13 +284,17 @@ def _copy(configuration: k8s.Configuration) -> k8s.Configuration:
     return copy.copy(configuration)
 
 
-def tls_settings(configuration: k8s.Configuration) -> tuple[str | bool, tuple[str, str] | None,
-                                                            dict[str, str]]:
+def tls_settings(
+    configuration: k8s.Configuration,
+) -> tuple[str | bool, tuple[str, str] | None, dict[str, str]]:
     """What an httpx probe needs to reach the same server as the client: CA, client
     certificate and auth header."""
     verify: str | bool = configuration.ssl_ca_cert or configuration.verify_ssl
-    cert = (configuration.cert_file, configuration.key_file) \
-        if configuration.cert_file and configuration.key_file else None
+    cert = (
+        (configuration.cert_file, configuration.key_file)
+        if configuration.cert_file and configuration.key_file
+        else None
+    )
     headers = {}
     token = (configuration.api_key or {}).get("authorization")
     if token:

@@ -36,8 +36,9 @@ def redact(text: str) -> str:
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
         if isinstance(value, str | bytes):
-            event[key] = redact(value.decode(errors="replace") if isinstance(value, bytes)
-                                else value)
+            event[key] = redact(
+                value.decode(errors="replace") if isinstance(value, bytes) else value
+            )
         elif value is not None and not isinstance(value, int | float | bool):
             event[key] = redact(str(value))
     return event
@@ -46,8 +47,11 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 def configure(fmt: str | None = None) -> None:
     """`fmt` json or console; by default console on a TTY and JSON otherwise."""
     console = sys.stdout.isatty() if fmt is None else fmt == "console"
-    renderer: Any = (structlog.dev.ConsoleRenderer(colors=True) if console
-                     else structlog.processors.JSONRenderer())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -38,48 +38,76 @@ def run(options: RunOptions) -> None:
     started_at, started = _now(), time.monotonic()
     deadline = started + options.timeout_s
     config = config_module.load(options.config_path)
-    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests,
-                              config.flux.sha256)
-    kubeconfig_path = options.kubeconfig or config.cluster.kubeconfig or \
-        (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
+    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
+    kubeconfig_path = (
+        options.kubeconfig
+        or config.cluster.kubeconfig
+        or (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
+    )
     if kubeconfig_path is None:
-        raise ConfigError(f"{config.source}: cluster.kubeconfig: no credentials; pass "
-                          "--kubeconfig PATH, set cluster.kubeconfig, or set KUBECONFIG")
+        raise ConfigError(
+            f"{config.source}: cluster.kubeconfig: no credentials; pass "
+            "--kubeconfig PATH, set cluster.kubeconfig, or set KUBECONFIG"
+        )
     client_config = load_kubeconfig(kubeconfig_path)
     endpoints = list(config.cluster.endpoints or [client_config.host])
-    _log.info("starting", config=config.source, flux=bundle.version, endpoints=endpoints,
-              timeout_s=options.timeout_s)
+    _log.info(
+        "starting",
+        config=config.source,
+        flux=bundle.version,
+        endpoints=endpoints,
+        timeout_s=options.timeout_s,
+    )
 
     endpoint = wait_api.wait_for_api(endpoints, *tls_settings(client_config), deadline)
     kube = Kube(client_config, endpoint)
     ctx = RunContext(config, bundle, kube, deadline, force=options.force)
     previous = record.load(kube, config)
     digest = record.inputs_digest(config, bundle)
-    ctx.trust_previous = bool(previous and previous.get("result") == "succeeded"
-                              and previous.get("inputsDigest") == digest)
+    ctx.trust_previous = bool(
+        previous
+        and previous.get("result") == "succeeded"
+        and previous.get("inputsDigest") == digest
+    )
 
     results: list[StepResult] = []
     error: BootstrapError | None = None
     try:
-        for step in (preflight.check, install_flux.install, seed_site.seed,
-                     create_sync.create, verify.verify):
+        for step in (
+            preflight.check,
+            install_flux.install,
+            seed_site.seed,
+            create_sync.create,
+            verify.verify,
+        ):
             results.append(step(ctx))
     except BootstrapError as err:
         error = err
         results.append(StepResult(_step_name(len(results)), note=str(err)))
     changed = any(r.changes for r in results)
     revision = next((r.note for r in results if r.name == "verify"), None)
-    entry = record.build(config, bundle, digest, started_at, _now(),
-                         time.monotonic() - started, results, str(error) if error else None,
-                         revision)
+    entry = record.build(
+        config,
+        bundle,
+        digest,
+        started_at,
+        _now(),
+        time.monotonic() - started,
+        results,
+        str(error) if error else None,
+        revision,
+    )
     if error is not None:
         entry["steps"][-1]["outcome"] = "failed"
         _record_best_effort(kube, config, entry, previous, changed)
         raise error
     record.save(kube, config, entry, previous, changed)
-    _log.info("done" if changed else "nothing to do", revision=revision,
-              changes=sum(len(r.changes) for r in results),
-              seconds=round(time.monotonic() - started, 2))
+    _log.info(
+        "done" if changed else "nothing to do",
+        revision=revision,
+        changes=sum(len(r.changes) for r in results),
+        seconds=round(time.monotonic() - started, 2),
+    )
     kube.close()
 
 
@@ -90,8 +118,13 @@ def _step_name(index: int) -> str:
     return STEP_NAMES[min(index, len(STEP_NAMES) - 1)]
 
 
-def _record_best_effort(kube: Kube, config: config_module.Config, entry: dict[str, object],
-                        previous: dict[str, object] | None, changed: bool) -> None:
+def _record_best_effort(
+    kube: Kube,
+    config: config_module.Config,
+    entry: dict[str, object],
+    previous: dict[str, object] | None,
+    changed: bool,
+) -> None:
     """A failed run is recorded too, unless the API is what failed."""
     try:
         record.save(kube, config, entry, previous, changed)

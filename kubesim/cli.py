@@ -19,29 +19,52 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
     serve.add_argument("--latency-ms", type=float, default=0)
     serve.add_argument("--crd-established-delay", type=float, default=0.0, metavar="S")
-    serve.add_argument("--controllers", action="store_true",
-                       help="stand-in controllers: Deployments and Flux objects become Ready")
+    serve.add_argument(
+        "--controllers",
+        action="store_true",
+        help="stand-in controllers: Deployments and Flux objects become Ready",
+    )
     serve.add_argument("--controller-delay", type=float, default=0.2, metavar="S")
     serve.add_argument("--request-log", help="append every request as a JSON line")
     serve.add_argument("--k8s-version", default="1.33.2")
-    serve.add_argument("--refuse-seconds", type=float, default=0.0,
-                       help="refuse connections for the first S seconds")
-    serve.add_argument("--readyz-unavailable-seconds", type=float, default=0.0,
-                       help="answer /readyz with 503 for the first S seconds")
-    serve.add_argument("--fail-next", type=int, default=0, metavar="K",
-                       help="fail the next K API requests")
+    serve.add_argument(
+        "--refuse-seconds",
+        type=float,
+        default=0.0,
+        help="refuse connections for the first S seconds",
+    )
+    serve.add_argument(
+        "--readyz-unavailable-seconds",
+        type=float,
+        default=0.0,
+        help="answer /readyz with 503 for the first S seconds",
+    )
+    serve.add_argument(
+        "--fail-next", type=int, default=0, metavar="K", help="fail the next K API requests"
+    )
     serve.add_argument("--fail-status", type=int, default=503, choices=[429, 500, 503])
     args = parser.parse_args(argv)
 
-    sim = KubeSim(kubeconfig_out=args.kubeconfig_out, port=args.port, host=args.host,
-                  latency_ms=args.latency_ms, crd_established_delay=args.crd_established_delay,
-                  controllers=args.controllers, controller_delay=args.controller_delay,
-                  request_log=args.request_log, k8s_version=args.k8s_version,
-                  refuse_seconds=args.refuse_seconds,
-                  readyz_unavailable_seconds=args.readyz_unavailable_seconds)
+    sim = KubeSim(
+        kubeconfig_out=args.kubeconfig_out,
+        port=args.port,
+        host=args.host,
+        latency_ms=args.latency_ms,
+        crd_established_delay=args.crd_established_delay,
+        controllers=args.controllers,
+        controller_delay=args.controller_delay,
+        request_log=args.request_log,
+        k8s_version=args.k8s_version,
+        refuse_seconds=args.refuse_seconds,
+        readyz_unavailable_seconds=args.readyz_unavailable_seconds,
+    )
     if args.fail_next:
-        sim.faults.fail_next(args.fail_next, args.fail_status, path="^/api",
-                             retry_after=1 if args.fail_status == 429 else None)
+        sim.faults.fail_next(
+            args.fail_next,
+            args.fail_status,
+            path="^/api",
+            retry_after=1 if args.fail_status == 429 else None,
+        )
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

@@ -63,8 +63,14 @@ class Controllers:
         api_version = obj["apiVersion"]
         t = self.store.type_for_kind(api_version, obj["kind"])
         meta = obj["metadata"]
-        self.store.update(t, meta.get("namespace", ""), meta["name"], {"status": status},
-                          manager, subresource="status")
+        self.store.update(
+            t,
+            meta.get("namespace", ""),
+            meta["name"],
+            {"status": status},
+            manager,
+            subresource="status",
+        )
 
     def reconcile_once(self) -> None:
         for deploy in self._objects("apps", "deployments"):
@@ -81,22 +87,39 @@ class Controllers:
         if not self._due(("deploy", meta["namespace"], meta["name"], meta["generation"])):
             return
         replicas = d.get("spec", {}).get("replicas", 1)
-        self._set_status(d, {
-            "observedGeneration": meta["generation"], "replicas": replicas,
-            "updatedReplicas": replicas, "readyReplicas": replicas,
-            "availableReplicas": replicas,
-            "conditions": [
-                _cond("Available", "True", "MinimumReplicasAvailable",
-                      "Deployment has minimum availability."),
-                _cond("Progressing", "True", "NewReplicaSetAvailable",
-                      f'ReplicaSet "{meta["name"]}" has successfully progressed.'),
-            ]}, "kube-controller-manager")
+        self._set_status(
+            d,
+            {
+                "observedGeneration": meta["generation"],
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+                "conditions": [
+                    _cond(
+                        "Available",
+                        "True",
+                        "MinimumReplicasAvailable",
+                        "Deployment has minimum availability.",
+                    ),
+                    _cond(
+                        "Progressing",
+                        "True",
+                        "NewReplicaSetAvailable",
+                        f'ReplicaSet "{meta["name"]}" has successfully progressed.',
+                    ),
+                ],
+            },
+            "kube-controller-manager",
+        )
 
     def _git_repository(self, repo: dict[str, Any]) -> None:
         meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
-        if status.get("observedGeneration") == meta["generation"] and \
-                status.get("lastHandledReconcileAt", "") == requested:
+        if (
+            status.get("observedGeneration") == meta["generation"]
+            and status.get("lastHandledReconcileAt", "") == requested
+        ):
             return
         if not self._due(("git", meta["namespace"], meta["name"], meta["generation"], requested)):
             return
@@ -105,24 +128,30 @@ class Controllers:
             new["lastHandledReconcileAt"] = requested
         failure = self.source_failures.get(spec.get("url", ""))
         if failure:
-            new["conditions"] = [_cond("Ready", "False", failure.reason, failure.message),
-                                 _cond("FetchFailed", "True", failure.reason, failure.message)]
+            new["conditions"] = [
+                _cond("Ready", "False", failure.reason, failure.message),
+                _cond("FetchFailed", "True", failure.reason, failure.message),
+            ]
             if failure.stalled:
-                new["conditions"].append(_cond("Stalled", "True", failure.reason,
-                                               failure.message))
+                new["conditions"].append(_cond("Stalled", "True", failure.reason, failure.message))
         else:
             revision = git_revision(spec)
-            path = (f"gitrepository/{meta['namespace']}/{meta['name']}/"
-                    f"{revision.rsplit(':', 1)[-1]}.tar.gz")
+            path = (
+                f"gitrepository/{meta['namespace']}/{meta['name']}/"
+                f"{revision.rsplit(':', 1)[-1]}.tar.gz"
+            )
             new["artifact"] = {
-                "revision": revision, "path": path,
+                "revision": revision,
+                "path": path,
                 "url": f"http://source-controller.flux-system.svc.cluster.local./{path}",
                 "digest": "sha256:" + hashlib.sha256(revision.encode()).hexdigest(),
                 "lastUpdateTime": now(),
             }
             message = f"stored artifact for revision '{revision}'"
-            new["conditions"] = [_cond("Ready", "True", "Succeeded", message),
-                                 _cond("ArtifactInStorage", "True", "Succeeded", message)]
+            new["conditions"] = [
+                _cond("Ready", "True", "Succeeded", message),
+                _cond("ArtifactInStorage", "True", "Succeeded", message),
+            ]
         self._set_status(repo, new, "source-controller")
 
     def _kustomization(self, ks: dict[str, Any]) -> None:
@@ -131,9 +160,11 @@ class Controllers:
         source = self._source(ref.get("namespace", meta["namespace"]), ref.get("name", ""))
         revision = (source or {}).get("status", {}).get("artifact", {}).get("revision", "")
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
-        if status.get("observedGeneration") == meta["generation"] and \
-                status.get("lastAttemptedRevision", "") == revision and \
-                status.get("lastHandledReconcileAt", "") == requested:
+        if (
+            status.get("observedGeneration") == meta["generation"]
+            and status.get("lastAttemptedRevision", "") == revision
+            and status.get("lastHandledReconcileAt", "") == requested
+        ):
             return
         key = ("ks", meta["namespace"], meta["name"], meta["generation"], revision, requested)
         if not self._due(key):
@@ -149,12 +180,12 @@ class Controllers:
             new["lastAttemptedRevision"] = revision
             new["conditions"] = [_cond("Ready", "False", failure.reason, failure.message)]
             if failure.stalled:
-                new["conditions"].append(_cond("Stalled", "True", failure.reason,
-                                               failure.message))
+                new["conditions"].append(_cond("Stalled", "True", failure.reason, failure.message))
         else:
             new["lastAttemptedRevision"] = new["lastAppliedRevision"] = revision
-            new["conditions"] = [_cond("Ready", "True", "ReconciliationSucceeded",
-                                       f"Applied revision: {revision}")]
+            new["conditions"] = [
+                _cond("Ready", "True", "ReconciliationSucceeded", f"Applied revision: {revision}")
+            ]
         self._set_status(ks, new, "kustomize-controller")
 
     def _source(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -175,5 +206,10 @@ def git_revision(spec: dict[str, Any]) -> str:
 
 
 def _cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
-    return {"type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": now()}
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }

@@ -34,8 +34,15 @@ class ResourceType:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
-def _t(group: str, version: str, plural: str, kind: str, namespaced: bool, *short: str,
-       status: bool = False) -> ResourceType:
+def _t(
+    group: str,
+    version: str,
+    plural: str,
+    kind: str,
+    namespaced: bool,
+    *short: str,
+    status: bool = False,
+) -> ResourceType:
     return ResourceType(group, version, plural, kind, namespaced, tuple(short), status)
 
 
@@ -57,8 +64,16 @@ BUILTIN_TYPES: list[ResourceType] = [
     _t("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "netpol"),
     _t("storage.k8s.io", "v1", "storageclasses", "StorageClass", False, "sc"),
     _t("coordination.k8s.io", "v1", "leases", "Lease", True),
-    _t("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-       False, "crd", "crds", status=True),
+    _t(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        "crd",
+        "crds",
+        status=True,
+    ),
 ]
 
 
@@ -110,8 +125,12 @@ def api_resource_list(group_version: str, types: list[ResourceType]) -> dict[str
                     "verbs": ["get", "patch", "update"],
                 }
             )
-    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
-            "resources": resources}
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": resources,
+    }
 
 
 def api_group_list(types: list[ResourceType]) -> dict[str, Any]:

@@ -35,49 +35,71 @@ def validate(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     props = dict(schema.get("properties", {}))
     for key in ("metadata", "apiVersion", "kind"):
         props.pop(key, None)
-    _check({**schema, "properties": props,
-            "required": [r for r in schema.get("required", [])
-                         if r not in ("metadata", "apiVersion", "kind")]},
-           body, "", errors)
+    _check(
+        {
+            **schema,
+            "properties": props,
+            "required": [
+                r for r in schema.get("required", []) if r not in ("metadata", "apiVersion", "kind")
+            ],
+        },
+        body,
+        "",
+        errors,
+    )
     return errors
 
 
 def _check(schema: dict[str, Any], value: Any, path: str, errors: list[str]) -> None:
     if value is None:
         if not schema.get("nullable"):
-            errors.append(f"{path}: Invalid value: \"null\": {path} in body must be of type "
-                          f"{schema.get('type', 'object')}: \"null\"")
+            errors.append(
+                f'{path}: Invalid value: "null": {path} in body must be of type '
+                f'{schema.get("type", "object")}: "null"'
+            )
         return
     if schema.get("x-kubernetes-int-or-string"):
         if not isinstance(value, int | str) or isinstance(value, bool):
-            errors.append(f"{path}: Invalid value: \"{_json_type(value)}\": {path} in body must "
-                          "be of type integer,string")
+            errors.append(
+                f'{path}: Invalid value: "{_json_type(value)}": {path} in body must '
+                "be of type integer,string"
+            )
         return
     expected = schema.get("type")
     if expected and not _TYPE_CHECKS[expected](value):
         actual = _json_type(value)
-        errors.append(f"{path}: Invalid value: \"{actual}\": {path} in body must be of type "
-                      f"{expected}: \"{actual}\"")
+        errors.append(
+            f'{path}: Invalid value: "{actual}": {path} in body must be of type '
+            f'{expected}: "{actual}"'
+        )
         return
     if "enum" in schema and value not in schema["enum"]:
         supported = ", ".join(_show(v) for v in schema["enum"])
         errors.append(f"{path}: Unsupported value: {_show(value)}: supported values: {supported}")
     if isinstance(value, str):
         if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{path}: Invalid value: {_show(value)}: {path} in body should match "
-                          f"'{schema['pattern']}'")
+            errors.append(
+                f"{path}: Invalid value: {_show(value)}: {path} in body should match "
+                f"'{schema['pattern']}'"
+            )
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             errors.append(f"{path}: Too long: may not be more than {schema['maxLength']} bytes")
         if "minLength" in schema and len(value) < schema["minLength"]:
-            errors.append(f"{path}: Invalid value: {_show(value)}: {path} in body should be at "
-                          f"least {schema['minLength']} chars long")
+            errors.append(
+                f"{path}: Invalid value: {_show(value)}: {path} in body should be at "
+                f"least {schema['minLength']} chars long"
+            )
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{path}: Invalid value: {value}: {path} in body should be greater than "
-                          f"or equal to {schema['minimum']}")
+            errors.append(
+                f"{path}: Invalid value: {value}: {path} in body should be greater than "
+                f"or equal to {schema['minimum']}"
+            )
         if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{path}: Invalid value: {value}: {path} in body should be less than "
-                          f"or equal to {schema['maximum']}")
+            errors.append(
+                f"{path}: Invalid value: {value}: {path} in body should be less than "
+                f"or equal to {schema['maximum']}"
+            )
     if isinstance(value, dict):
         for name in schema.get("required", []):
             if name not in value:

@@ -47,8 +47,14 @@ class Faults:
         self.readyz_unavailable_until = 0.0
         self.latency = 0.0
 
-    def fail_next(self, count: int, status: int = 500, verb: str | None = None,
-                  path: str | None = None, retry_after: int | None = None) -> None:
+    def fail_next(
+        self,
+        count: int,
+        status: int = 500,
+        verb: str | None = None,
+        path: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         with self._lock:
             self.rules.append(FailRule(count, status, verb, path, retry_after))
 
@@ -62,8 +68,11 @@ class Faults:
     def take(self, verb: str, path: str) -> FailRule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.count > 0 and rule.verb in (None, verb) and \
-                        (rule.path is None or re.search(rule.path, path)):
+                if (
+                    rule.count > 0
+                    and rule.verb in (None, verb)
+                    and (rule.path is None or re.search(rule.path, path))
+                ):
                     rule.count -= 1
                     return rule
         return None
@@ -90,12 +99,20 @@ class _Server(ThreadingHTTPServer):
 class KubeSim:
     """A Kubernetes API server stand-in. Use as a context manager or start()/stop()."""
 
-    def __init__(self, kubeconfig_out: str | Path | None = None, port: int = 0,
-                 host: str = "127.0.0.1", latency_ms: float = 0,
-                 crd_established_delay: float = 0.0, controllers: bool = False,
-                 controller_delay: float = 0.2, request_log: str | Path | None = None,
-                 k8s_version: str = "1.33.2", refuse_seconds: float = 0.0,
-                 readyz_unavailable_seconds: float = 0.0) -> None:
+    def __init__(
+        self,
+        kubeconfig_out: str | Path | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        latency_ms: float = 0,
+        crd_established_delay: float = 0.0,
+        controllers: bool = False,
+        controller_delay: float = 0.2,
+        request_log: str | Path | None = None,
+        k8s_version: str = "1.33.2",
+        refuse_seconds: float = 0.0,
+        readyz_unavailable_seconds: float = 0.0,
+    ) -> None:
         self.host, self.requested_port = host, port
         self.k8s_version = k8s_version
         self.token = secrets.token_hex(16)
@@ -134,10 +151,14 @@ class KubeSim:
 
         def serve() -> None:
             # Bound but not listening: clients get "connection refused" until then.
-            if self.refuse_seconds and self.stopping.wait(self.refuse_seconds):
-                return
-            server.server_activate()
+            if self.refuse_seconds:
+                if self.stopping.wait(self.refuse_seconds):
+                    return
+                server.server_activate()
             server.serve_forever(poll_interval=0.1)
+
+        if not self.refuse_seconds:
+            server.server_activate()  # listening before start() returns
 
         threading.Thread(target=serve, name="kubesim-serve", daemon=True).start()
         return self
@@ -168,13 +189,22 @@ class KubeSim:
 
     def kubeconfig(self) -> dict[str, Any]:
         return {
-            "apiVersion": "v1", "kind": "Config", "current-context": "kubesim",
-            "clusters": [{"name": "kubesim", "cluster": {
-                "server": self.url,
-                "certificate-authority-data": base64.b64encode(self.ca_pem).decode()}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kubesim",
+            "clusters": [
+                {
+                    "name": "kubesim",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
+                    },
+                }
+            ],
             "users": [{"name": "kubesim-admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "kubesim",
-                          "context": {"cluster": "kubesim", "user": "kubesim-admin"}}],
+            "contexts": [
+                {"name": "kubesim", "context": {"cluster": "kubesim", "user": "kubesim-admin"}}
+            ],
         }
 
     def write_kubeconfig(self, path: str | Path) -> None:
@@ -215,11 +245,13 @@ class KubeSim:
         meta = obj["metadata"]
         return self.store.apply(t, meta.get("namespace", ""), meta["name"], obj, manager, True)
 
-    def set_status(self, api_version: str, kind: str, name: str, status: dict[str, Any],
-                   namespace: str = "") -> dict[str, Any]:
+    def set_status(
+        self, api_version: str, kind: str, name: str, status: dict[str, Any], namespace: str = ""
+    ) -> dict[str, Any]:
         t = self.store.type_for_kind(api_version, kind)
-        return self.store.update(t, namespace, name, {"status": status}, "test",
-                                 subresource="status")
+        return self.store.update(
+            t, namespace, name, {"status": status}, "test", subresource="status"
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -247,9 +279,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.sim.faults.latency:
             time.sleep(self.sim.faults.latency)
         verb = self._verb(url.path, query)
-        entry = {"ts": round(time.time(), 4), "method": self.command, "verb": verb, "path": url.path, "query": url.query,
-                 "dry_run": query.get("dryRun") == "All",
-                 "user_agent": self.headers.get("User-Agent", "")}
+        entry = {
+            "ts": round(time.time(), 4),
+            "method": self.command,
+            "verb": verb,
+            "path": url.path,
+            "query": url.query,
+            "dry_run": query.get("dryRun") == "All",
+            "user_agent": self.headers.get("User-Agent", ""),
+        }
         status = self._dispatch(url.path, query, verb, raw)
         entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
         self.sim.record(entry)
@@ -284,11 +322,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             return 0
         if rule is not None:
-            return self._error(ApiError(rule.status or 500, "InternalError",
-                                        f"kubesim: injected failure ({rule.status})",
-                                        rule.retry_after))
-        if path not in PUBLIC_PATHS and \
-                self.headers.get("Authorization") != f"Bearer {self.sim.token}":
+            return self._error(
+                ApiError(
+                    rule.status or 500,
+                    "InternalError",
+                    f"kubesim: injected failure ({rule.status})",
+                    rule.retry_after,
+                )
+            )
+        if (
+            path not in PUBLIC_PATHS
+            and self.headers.get("Authorization") != f"Bearer {self.sim.token}"
+        ):
             return self._error(ApiError(401, "Unauthorized", "Unauthorized"))
         try:
             return self._serve(path, query, verb, raw)
@@ -307,14 +352,29 @@ class _Handler(BaseHTTPRequestHandler):
             return self._text(200, "ok")
         if path == "/version":
             major, minor, _ = self.sim.k8s_version.split(".", 2)
-            return self._json(200, {"major": major, "minor": minor,
-                                    "gitVersion": f"v{self.sim.k8s_version}",
-                                    "platform": "linux/amd64"})
+            return self._json(
+                200,
+                {
+                    "major": major,
+                    "minor": minor,
+                    "gitVersion": f"v{self.sim.k8s_version}",
+                    "platform": "linux/amd64",
+                },
+            )
         if path == "/api":
-            return self._json(200, {"kind": "APIVersions", "versions": ["v1"],
-                                    "serverAddressByClientCIDRs": [
-                                        {"clientCIDR": "0.0.0.0/0",
-                                         "serverAddress": f"{self.sim.host}:{self.sim.port}"}]})
+            return self._json(
+                200,
+                {
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [
+                        {
+                            "clientCIDR": "0.0.0.0/0",
+                            "serverAddress": f"{self.sim.host}:{self.sim.port}",
+                        }
+                    ],
+                },
+            )
         group_versions = self.sim.store.group_versions()
         if path.startswith("/openapi/v3"):
             return self._json(200, openapi_v3(path, group_versions))
@@ -353,26 +413,40 @@ class _Handler(BaseHTTPRequestHandler):
         t, namespace, _, name, sub = self._route(path)
         store = self.sim.store
         dry_run = query.get("dryRun") == "All"
-        manager = query.get("fieldManager") or \
-            self.headers.get("User-Agent", "unknown").split("/")[0]
+        manager = (
+            query.get("fieldManager") or self.headers.get("User-Agent", "unknown").split("/")[0]
+        )
         if verb == "watch":
             return self._watch(t, namespace, query)
         if verb == "list":
-            items, revision = store.list(t, namespace, query.get("labelSelector", ""),
-                                         query.get("fieldSelector", ""))
+            items, revision = store.list(
+                t, namespace, query.get("labelSelector", ""), query.get("fieldSelector", "")
+            )
             if self._wants_table():
                 return self._json(200, _table(t, items, revision))
-            return self._json(200, {"kind": f"{t.kind}List", "apiVersion": t.group_version,
-                                    "metadata": {"resourceVersion": str(revision)},
-                                    "items": items})
+            return self._json(
+                200,
+                {
+                    "kind": f"{t.kind}List",
+                    "apiVersion": t.group_version,
+                    "metadata": {"resourceVersion": str(revision)},
+                    "items": items,
+                },
+            )
         if verb == "get":
             obj = store.get(t, namespace, name)
-            return self._json(200, _table(t, [obj], store.revision) if self._wants_table()
-                              else obj)
+            return self._json(200, _table(t, [obj], store.revision) if self._wants_table() else obj)
         if verb == "delete":
             store.delete(t, namespace, name)
-            return self._json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
-                                    "details": {"name": name, "kind": t.plural}})
+            return self._json(
+                200,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Success",
+                    "details": {"name": name, "kind": t.plural},
+                },
+            )
         body = self._body(raw, verb)
         if verb == "create":
             return self._json(201, store.create(t, namespace, body, manager, dry_run))
@@ -381,8 +455,9 @@ class _Handler(BaseHTTPRequestHandler):
         if verb == "apply":
             force = query.get("force") in ("true", "1")
             existed = _exists(store, t, namespace, name)
-            obj = store.apply(t, namespace, name, body, query.get("fieldManager", ""), force,
-                              sub, dry_run)
+            obj = store.apply(
+                t, namespace, name, body, query.get("fieldManager", ""), force, sub, dry_run
+            )
             return self._json(200 if existed else 201, obj)
         ctype = self.headers.get("Content-Type", "")
         if "json-patch+json" in ctype:
@@ -423,8 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
             since = str(revision)
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         try:
-            for event, obj in store.watch(t, namespace, int(since), label_sel, field_sel,
-                                          deadline, self.sim.stopping.is_set):
+            for event, obj in store.watch(
+                t, namespace, int(since), label_sel, field_sel, deadline, self.sim.stopping.is_set
+            ):
                 self._chunk({"type": event, "object": obj})
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -448,8 +524,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
         return self._send(err.code, "application/json", data, headers)
 
-    def _send(self, code: int, ctype: str, data: bytes,
-              headers: dict[str, str] | None = None) -> int:
+    def _send(
+        self, code: int, ctype: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> int:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -464,6 +541,7 @@ def openapi_v3(path: str, group_versions: dict[str, list[Any]]) -> dict[str, Any
     """Just enough OpenAPI v3 for kubectl to see that every kind supports server-side field
     validation (a PATCH operation with a `fieldValidation` query parameter), so it lets the
     server validate instead of downloading full schemas."""
+
     def prefix(gv: str) -> str:
         return f"api/{gv}" if "/" not in gv else f"apis/{gv}"
 
@@ -479,12 +557,19 @@ def openapi_v3(path: str, group_versions: dict[str, list[Any]]) -> dict[str, Any
     ops = {}
     for t in group_versions[gv]:
         scope = "namespaces/{namespace}/" if t.namespaced else ""
-        ops[f"/{prefix(gv)}/{scope}{t.plural}/{{name}}"] = {"patch": {
-            "x-kubernetes-group-version-kind": {"group": t.group, "version": t.version,
-                                                "kind": t.kind},
-            "parameters": [{"name": "fieldValidation", "in": "query",
-                            "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "OK"}}}}
+        ops[f"/{prefix(gv)}/{scope}{t.plural}/{{name}}"] = {
+            "patch": {
+                "x-kubernetes-group-version-kind": {
+                    "group": t.group,
+                    "version": t.version,
+                    "kind": t.kind,
+                },
+                "parameters": [
+                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "OK"}},
+            }
+        }
     return {"openapi": "3.0.0", "info": {"title": "kubesim", "version": "v1"}, "paths": ops}
 
 
@@ -499,8 +584,9 @@ def _exists(store: Store, t: Any, namespace: str, name: str) -> bool:
 def _table(t: Any, items: list[dict[str, Any]], revision: int) -> dict[str, Any]:
     columns = [{"name": "Name", "type": "string", "format": "name", "description": "Name"}]
     extra = [c for c in t.printer_columns if c.get("jsonPath", "").startswith(".status")]
-    columns += [{"name": c["name"], "type": "string", "format": "", "description": ""}
-                for c in extra]
+    columns += [
+        {"name": c["name"], "type": "string", "format": "", "description": ""} for c in extra
+    ]
     columns.append({"name": "Age", "type": "string", "format": "", "description": "Age"})
     rows = []
     for obj in items:
@@ -508,16 +594,28 @@ def _table(t: Any, items: list[dict[str, Any]], revision: int) -> dict[str, Any]
         for column in extra:
             cells.append(_json_path(obj, column["jsonPath"]))
         cells.append(_age(obj["metadata"].get("creationTimestamp", "")))
-        rows.append({"cells": cells, "object": {
-            "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-            "metadata": obj["metadata"]}})
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": str(revision)}, "columnDefinitions": columns,
-            "rows": rows}
+        rows.append(
+            {
+                "cells": cells,
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj["metadata"],
+                },
+            }
+        )
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": str(revision)},
+        "columnDefinitions": columns,
+        "rows": rows,
+    }
 
 
 def _json_path(obj: dict[str, Any], path: str) -> str:
-    """Enough of JSONPath for Flux's printer columns, e.g. .status.conditions[?(@.type=="Ready")].status."""
+    """Enough of JSONPath for Flux's printer columns, such as
+    .status.conditions[?(@.type=="Ready")].status."""
     match = re.fullmatch(r'\.status\.conditions\[\?\(@\.type=="(\w+)"\)\]\.(\w+)', path)
     if match:
         for cond in obj.get("status", {}).get("conditions", []):

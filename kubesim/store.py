@@ -28,8 +28,15 @@ class ApiError(Exception):
         self.code, self.reason, self.message, self.retry_after = code, reason, message, retry_after
 
     def status(self) -> Obj:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
 
 
 def now() -> str:
@@ -120,10 +127,15 @@ class Store:
         for name in ("default", "kube-system", "kube-public", "kube-node-lease"):
             ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
             self.create(self.find_type("", "v1", "namespaces"), "", ns, "kubesim")
-        node = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": "appliance", "labels": {
-                    "node-role.kubernetes.io/control-plane": ""}},
-                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": "appliance",
+                "labels": {"node-role.kubernetes.io/control-plane": ""},
+            },
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }
         self.create(self.find_type("", "v1", "nodes"), "", node, "kubesim")
 
     # -- reads -------------------------------------------------------------------------------
@@ -143,8 +155,9 @@ class Store:
                 raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
             return self._present(t, obj)
 
-    def list(self, t: ResourceType, namespace: str, label_selector: str = "",
-             field_selector: str = "") -> tuple[list[Obj], int]:
+    def list(
+        self, t: ResourceType, namespace: str, label_selector: str = "", field_selector: str = ""
+    ) -> tuple[list[Obj], int]:
         with self.lock:
             items = [
                 self._present(t, obj)
@@ -164,7 +177,7 @@ class Store:
     def _validate(self, t: ResourceType, obj: Obj) -> None:
         name = obj.get("metadata", {}).get("name", "")
         if not name:
-            raise ApiError(422, "Invalid", f"{t.kind} \"\" is invalid: metadata.name: Required value")
+            raise ApiError(422, "Invalid", f'{t.kind} "" is invalid: metadata.name: Required value')
         if t.schema is not None:
             errors = schema.validate(t.schema, obj)
             if errors:
@@ -203,8 +216,9 @@ class Store:
             for key, value in obj.pop("stringData").items():
                 data[key] = base64.b64encode(str(value).encode()).decode()
 
-    def create(self, t: ResourceType, namespace: str, body: Obj, manager: str,
-               dry_run: bool = False) -> Obj:
+    def create(
+        self, t: ResourceType, namespace: str, body: Obj, manager: str, dry_run: bool = False
+    ) -> Obj:
         with self.lock:
             obj = copy.deepcopy(body)
             meta = obj.setdefault("metadata", {})
@@ -218,13 +232,15 @@ class Store:
             self._normalise(t, obj)
             self._validate(t, obj)
             if (namespace if t.namespaced else "", meta["name"]) in self._bucket(t):
-                raise ApiError(409, "AlreadyExists",
-                               f'{t.qualified} "{meta["name"]}" already exists')
+                raise ApiError(
+                    409, "AlreadyExists", f'{t.qualified} "{meta["name"]}" already exists'
+                )
             if t.has_status and t.kind != "Node":
                 obj.pop("status", None)
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
             meta["managedFields"] = _managed_entries(
-                {(manager, "Update", ""): fields.leaf_paths(obj)}, {}, t.group_version)
+                {(manager, "Update", ""): fields.leaf_paths(obj)}, {}, t.group_version
+            )
             self._on_create(t, obj)
             return self._present(t, obj) if dry_run else self._commit(t, "ADDED", obj)
 
@@ -234,31 +250,54 @@ class Store:
         if t.plural == CRD_PLURAL and t.group == CRD_GROUP:
             obj["status"] = {
                 "acceptedNames": obj.get("spec", {}).get("names", {}),
-                "storedVersions": [v["name"] for v in obj["spec"].get("versions", [])
-                                   if v.get("storage")],
-                "conditions": [_condition("NamesAccepted", "True", "NoConflicts",
-                                          "no conflicts found")],
+                "storedVersions": [
+                    v["name"] for v in obj["spec"].get("versions", []) if v.get("storage")
+                ],
+                "conditions": [
+                    _condition("NamesAccepted", "True", "NoConflicts", "no conflicts found")
+                ],
             }
 
-    def update(self, t: ResourceType, namespace: str, name: str, body: Obj, manager: str,
-               subresource: str = "", dry_run: bool = False) -> Obj:
+    def update(
+        self,
+        t: ResourceType,
+        namespace: str,
+        name: str,
+        body: Obj,
+        manager: str,
+        subresource: str = "",
+        dry_run: bool = False,
+    ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
             expected = body.get("metadata", {}).get("resourceVersion")
             if expected and expected != live["metadata"]["resourceVersion"]:
-                raise ApiError(409, "Conflict",
-                               f'Operation cannot be fulfilled on {t.qualified} "{name}": the '
-                               "object has been modified; please apply your changes to the "
-                               "latest version and try again")
-            return self._replace(t, live, copy.deepcopy(body), manager, "Update", subresource,
-                                 dry_run)
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {t.qualified} "{name}": the '
+                    "object has been modified; please apply your changes to the "
+                    "latest version and try again",
+                )
+            return self._replace(
+                t, live, copy.deepcopy(body), manager, "Update", subresource, dry_run
+            )
 
-    def merge_patch(self, t: ResourceType, namespace: str, name: str, patch: Obj, manager: str,
-                    subresource: str = "", dry_run: bool = False) -> Obj:
+    def merge_patch(
+        self,
+        t: ResourceType,
+        namespace: str,
+        name: str,
+        patch: Obj,
+        manager: str,
+        subresource: str = "",
+        dry_run: bool = False,
+    ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
-            return self._replace(t, live, fields.merge_patch(live, patch), manager, "Update",
-                                 subresource, dry_run)
+            return self._replace(
+                t, live, fields.merge_patch(live, patch), manager, "Update", subresource, dry_run
+            )
 
     def _live(self, t: ResourceType, namespace: str, name: str) -> Obj:
         self._check_namespace(t, namespace)
@@ -267,9 +306,17 @@ class Store:
             raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
         return obj
 
-    def _replace(self, t: ResourceType, live: Obj, new: Obj, manager: str, operation: str,
-                 subresource: str, dry_run: bool, entries: dict[ManagerKey, set[fields.Path]]
-                 | None = None) -> Obj:
+    def _replace(
+        self,
+        t: ResourceType,
+        live: Obj,
+        new: Obj,
+        manager: str,
+        operation: str,
+        subresource: str,
+        dry_run: bool,
+        entries: dict[ManagerKey, set[fields.Path]] | None = None,
+    ) -> Obj:
         """Store `new` in place of `live`, keeping what the write may not change."""
         self._normalise(t, new)
         new["apiVersion"], new["kind"] = live.get("apiVersion"), live.get("kind")
@@ -298,10 +345,14 @@ class Store:
                 own = (manager, operation, subresource)
                 entries[own] = entries.get(own, set()) | changed
         new["metadata"]["managedFields"] = _managed_entries(
-            entries, _parse_times(live_meta.get("managedFields", [])), t.group_version,
-            previous=_parse_managed(live_meta.get("managedFields", [])))
-        if _without_volatile(new) == _without_volatile(live) and \
-                new["metadata"]["managedFields"] == live_meta.get("managedFields"):
+            entries,
+            _parse_times(live_meta.get("managedFields", [])),
+            t.group_version,
+            previous=_parse_managed(live_meta.get("managedFields", [])),
+        )
+        if _without_volatile(new) == _without_volatile(live) and new["metadata"][
+            "managedFields"
+        ] == live_meta.get("managedFields"):
             return self._present(t, live)
         if _spec_part(new) != _spec_part(live):
             new["metadata"]["generation"] = live_meta.get("generation", 1) + 1
@@ -317,22 +368,45 @@ class Store:
             for v in obj["spec"].get("versions", []):
                 if v.get("storage") and v["name"] not in stored:
                     stored.append(v["name"])
-            if any(c["type"] == "Established" and c["status"] == "True"
-                   for c in obj["status"].get("conditions", [])):
+            if any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in obj["status"].get("conditions", [])
+            ):
                 self._register_crd(obj)
 
-    def apply(self, t: ResourceType, namespace: str, name: str, config: Obj, manager: str,
-              force: bool, subresource: str = "", dry_run: bool = False) -> Obj:
+    def apply(
+        self,
+        t: ResourceType,
+        namespace: str,
+        name: str,
+        config: Obj,
+        manager: str,
+        force: bool,
+        subresource: str = "",
+        dry_run: bool = False,
+    ) -> Obj:
         if not manager:
-            raise ApiError(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: "
-                           "fieldManager: Required value: is required for apply patch")
+            raise ApiError(
+                422,
+                "Invalid",
+                'PatchOptions.meta.k8s.io "" is invalid: '
+                "fieldManager: Required value: is required for apply patch",
+            )
         meta = config.get("metadata", {})
         if meta.get("name", name) != name:
-            raise ApiError(400, "BadRequest", "the name of the object "
-                           f"({meta.get('name')}) does not match the name on the URL ({name})")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the name of the object "
+                f"({meta.get('name')}) does not match the name on the URL ({name})",
+            )
         if config.get("kind") and config["kind"] != t.kind:
-            raise ApiError(400, "BadRequest", f"the kind of the object ({config['kind']}) "
-                           f"does not match the kind on the URL ({t.kind})")
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the kind of the object ({config['kind']}) "
+                f"does not match the kind on the URL ({t.kind})",
+            )
         with self.lock:
             self._check_namespace(t, namespace)
             live = self._bucket(t).get((namespace if t.namespaced else "", name))
@@ -343,16 +417,26 @@ class Store:
                 body.setdefault("metadata", {})["name"] = name
                 created = self.create(t, namespace, body, manager, dry_run=True)
                 created["metadata"]["managedFields"] = _managed_entries(
-                    {(manager, "Apply", ""): fields.leaf_paths(_strip_status(config, t))}, {},
-                    t.group_version)
+                    {(manager, "Apply", ""): fields.leaf_paths(_strip_status(config, t))},
+                    {},
+                    t.group_version,
+                )
                 if dry_run:
                     return created
                 stored = copy.deepcopy(created)
                 return self._commit(t, "ADDED", stored)
             return self._apply_existing(t, live, config, manager, force, subresource, dry_run)
 
-    def _apply_existing(self, t: ResourceType, live: Obj, config: Obj, manager: str, force: bool,
-                        subresource: str, dry_run: bool) -> Obj:
+    def _apply_existing(
+        self,
+        t: ResourceType,
+        live: Obj,
+        config: Obj,
+        manager: str,
+        force: bool,
+        subresource: str,
+        dry_run: bool,
+    ) -> Obj:
         if subresource == "status":
             applied = {"status": config.get("status", {})}
             paths = fields.leaf_paths({"x": applied["status"]})
@@ -395,8 +479,11 @@ class Store:
                 for (group, plural), bucket in self.objects.items():
                     for (ns, obj_name), _obj in list(bucket.items()):
                         if ns == name:
-                            sub_t = next(x for x in self.types.values()
-                                         if (x.group, x.plural) == (group, plural))
+                            sub_t = next(
+                                x
+                                for x in self.types.values()
+                                if (x.group, x.plural) == (group, plural)
+                            )
                             self._commit(sub_t, "DELETED", copy.deepcopy(bucket[(ns, obj_name)]))
             if t.plural == CRD_PLURAL and t.group == CRD_GROUP:
                 self._unregister_crd(live)
@@ -413,11 +500,16 @@ class Store:
                 return
             status = copy.deepcopy(live.get("status", {}))
             conditions = [c for c in status.get("conditions", []) if c["type"] != "Established"]
-            conditions.append(_condition("Established", "True", "InitialNamesAccepted",
-                                         "the initial names have been accepted"))
+            conditions.append(
+                _condition(
+                    "Established",
+                    "True",
+                    "InitialNamesAccepted",
+                    "the initial names have been accepted",
+                )
+            )
             status["conditions"] = conditions
-            self._replace(t, live, {"status": status}, "kube-apiserver", "Update", "status",
-                          False)
+            self._replace(t, live, {"status": status}, "kube-apiserver", "Update", "status", False)
 
     def _register_crd(self, crd: Obj) -> None:
         for t in types_from_crd(crd):
@@ -432,9 +524,16 @@ class Store:
 
     # -- watch -------------------------------------------------------------------------------
 
-    def watch(self, t: ResourceType, namespace: str, since: int, label_selector: str,
-              field_selector: str, deadline: float, stopped: Callable[[], bool]
-              ) -> Iterator[tuple[str, Obj]]:
+    def watch(
+        self,
+        t: ResourceType,
+        namespace: str,
+        since: int,
+        label_selector: str,
+        field_selector: str,
+        deadline: float,
+        stopped: Callable[[], bool],
+    ) -> Iterator[tuple[str, Obj]]:
         import time
 
         cursor = since
@@ -447,8 +546,9 @@ class Store:
                     if namespace and obj["metadata"].get("namespace") != namespace:
                         continue
                     labels = obj["metadata"].get("labels", {})
-                    if label_selector_matches(label_selector, labels) and \
-                            field_selector_matches(field_selector, obj):
+                    if label_selector_matches(label_selector, labels) and field_selector_matches(
+                        field_selector, obj
+                    ):
                         batch.append((event, {**obj, "apiVersion": t.group_version}))
                 cursor = self.revision
                 if not batch:
@@ -464,8 +564,13 @@ def _strip_status(config: Obj, t: ResourceType) -> Obj:
 
 
 def _condition(kind: str, status: str, reason: str, message: str) -> Obj:
-    return {"type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": now()}
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }
 
 
 def _parse_managed(entries: list[Obj]) -> dict[ManagerKey, set[fields.Path]]:
@@ -477,22 +582,32 @@ def _parse_managed(entries: list[Obj]) -> dict[ManagerKey, set[fields.Path]]:
 
 
 def _parse_times(entries: list[Obj]) -> dict[ManagerKey, str]:
-    return {(e.get("manager", ""), e.get("operation", ""), e.get("subresource", "")):
-            e.get("time", "") for e in entries}
+    return {
+        (e.get("manager", ""), e.get("operation", ""), e.get("subresource", "")): e.get("time", "")
+        for e in entries
+    }
 
 
-def _managed_entries(entries: dict[ManagerKey, set[fields.Path]], times: dict[ManagerKey, str],
-                     api_version: str, previous: dict[ManagerKey, set[fields.Path]] | None = None
-                     ) -> list[Obj]:
+def _managed_entries(
+    entries: dict[ManagerKey, set[fields.Path]],
+    times: dict[ManagerKey, str],
+    api_version: str,
+    previous: dict[ManagerKey, set[fields.Path]] | None = None,
+) -> list[Obj]:
     out = []
     for key, paths in entries.items():
         if not paths:
             continue
         manager, operation, subresource = key
         unchanged = previous is not None and previous.get(key) == paths and key in times
-        entry: Obj = {"manager": manager, "operation": operation, "apiVersion": api_version,
-                      "time": times[key] if unchanged else now(), "fieldsType": "FieldsV1",
-                      "fieldsV1": fields.to_fields_v1(paths)}
+        entry: Obj = {
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": api_version,
+            "time": times[key] if unchanged else now(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": fields.to_fields_v1(paths),
+        }
         if subresource:
             entry["subresource"] = subresource
         out.append(entry)

@@ -21,8 +21,9 @@ def credentials_secret(credentials: GitCredentials, namespace: str) -> Obj:
         try:
             values[key] = path.read_bytes()
         except OSError as err:
-            raise ConfigError(f"{path}: cannot read Git credentials file ({err.strerror})") \
-                from None
+            raise ConfigError(
+                f"{path}: cannot read Git credentials file ({err.strerror})"
+            ) from None
         log.register_secret(values[key])
     return desired.secret(namespace, credentials.secret_name, values)
 
@@ -42,8 +43,9 @@ def create(ctx: RunContext) -> StepResult:
     return StepResult("create-sync", changes, f"{sync.url} {sync.path}")
 
 
-def _refuse_retargeting(ctx: RunContext, repo: Obj, live_repo: Obj | None, ks: Obj,
-                        live_ks: Obj | None) -> None:
+def _refuse_retargeting(
+    ctx: RunContext, repo: Obj, live_repo: Obj | None, ks: Obj, live_ks: Obj | None
+) -> None:
     """With prune on, pointing an existing sync elsewhere deletes the application."""
     if ctx.force:
         return
@@ -52,10 +54,12 @@ def _refuse_retargeting(ctx: RunContext, repo: Obj, live_repo: Obj | None, ks: O
         raise NeedsDecision(
             f"GitRepository {ctx.config.sync.namespace}/{ctx.config.sync.name} syncs "
             f"{old_url}, the config says {repo['spec']['url']}; with prune on, a wrong "
-            "source deletes the application. Fix sync.url, or re-run with --force")
+            "source deletes the application. Fix sync.url, or re-run with --force"
+        )
     old_path = (live_ks or {}).get("spec", {}).get("path")
     if old_path and old_path != ks["spec"]["path"]:
         raise NeedsDecision(
             f"Kustomization {ctx.config.sync.namespace}/{ctx.config.sync.name} applies path "
             f"{old_path}, the config says {ks['spec']['path']}; with prune on, a wrong path "
-            "deletes the application. Fix sync.path, or re-run with --force")
+            "deletes the application. Fix sync.path, or re-run with --force"
+        )

@@ -18,11 +18,21 @@ def install(ctx: RunContext) -> StepResult:
     if ctx.trust_previous and _running(ctx):
         return StepResult("install-flux", note=f"Flux {bundle.version} running")
     changes = ensure(kube, bundle.first_stage, _log)
-    wait_until("the Flux CRDs to be Established", lambda: _established(ctx), ctx.deadline,
-               _log, interval=0.25)
+    wait_until(
+        "the Flux CRDs to be Established",
+        lambda: _established(ctx),
+        ctx.deadline,
+        _log,
+        interval=0.25,
+    )
     changes += ensure(kube, bundle.second_stage, _log)
-    wait_until("the Flux controllers to be Available", lambda: _available(ctx), ctx.deadline,
-               _log, interval=0.5)
+    wait_until(
+        "the Flux controllers to be Available",
+        lambda: _available(ctx),
+        ctx.deadline,
+        _log,
+        interval=0.5,
+    )
     _log.info("Flux running", version=bundle.version, changes=len(changes))
     return StepResult("install-flux", changes, f"Flux {bundle.version} running")
 
@@ -37,15 +47,21 @@ def _established(ctx: RunContext) -> bool | None:
 def _deployment_available(deploy: dict[str, Any]) -> bool:
     status = deploy.get("status", {})
     replicas = deploy.get("spec", {}).get("replicas", 1)
-    return observed_current(deploy) and is_true(deploy, "Available") and \
-        status.get("updatedReplicas", 0) >= replicas and \
-        status.get("availableReplicas", 0) >= replicas
+    return (
+        observed_current(deploy)
+        and is_true(deploy, "Available")
+        and status.get("updatedReplicas", 0) >= replicas
+        and status.get("availableReplicas", 0) >= replicas
+    )
 
 
 def _available(ctx: RunContext) -> bool | None:
     namespaces = {d["metadata"]["namespace"] for d in ctx.bundle.deployments}
-    live = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
-            for ns in namespaces for d in ctx.kube.list("apps/v1", "Deployment", ns)}
+    live = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d
+        for ns in namespaces
+        for d in ctx.kube.list("apps/v1", "Deployment", ns)
+    }
     for desired in ctx.bundle.deployments:
         found = live.get((desired["metadata"]["namespace"], desired["metadata"]["name"]))
         if found is None or not _deployment_available(found):
@@ -58,8 +74,11 @@ def _running(ctx: RunContext) -> bool:
     live = {c["metadata"]["name"]: c for c in ctx.kube.list(CRD_API, "CustomResourceDefinition")}
     for crd in ctx.bundle.crds:
         found = live.get(crd["metadata"]["name"])
-        if found is None or not is_true(found, "Established") or \
-                found["metadata"].get("labels", {}).get("app.kubernetes.io/version") != \
-                ctx.bundle.version:
+        if (
+            found is None
+            or not is_true(found, "Established")
+            or found["metadata"].get("labels", {}).get("app.kubernetes.io/version")
+            != ctx.bundle.version
+        ):
             return False
     return bool(_available(ctx))

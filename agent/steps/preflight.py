@@ -27,7 +27,8 @@ def check(ctx: RunContext) -> StepResult:
         raise NeedsDecision(
             f"Kubernetes {server.get('gitVersion', f'{major}.{minor}')} is older than Flux "
             f"{ctx.bundle.version} supports (>= {needed[0]}.{needed[1]}); upgrade Kubernetes "
-            "or bundle an older Flux")
+            "or bundle an older Flux"
+        )
     crd = ctx.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", PROBE_CRD)
     note = f"Kubernetes {server.get('gitVersion')}; Flux not installed"
     if crd is not None:
@@ -37,16 +38,25 @@ def check(ctx: RunContext) -> StepResult:
             raise NeedsDecision(
                 f"Flux on this cluster is managed by {manager!r} (label app.kubernetes.io/"
                 f"managed-by on CRD {PROBE_CRD}); alga-bootstrap would take it over. Remove "
-                "that installation, or re-run with --force to take ownership")
+                "that installation, or re-run with --force to take ownership"
+            )
         installed = labels.get("app.kubernetes.io/version")
         ctx.installed_flux_version = installed
-        if installed and version_tuple(installed) > version_tuple(ctx.bundle.version) \
-                and not ctx.force:
+        if (
+            installed
+            and version_tuple(installed) > version_tuple(ctx.bundle.version)
+            and not ctx.force
+        ):
             raise NeedsDecision(
                 f"Flux {installed} is installed, newer than the bundled {ctx.bundle.version}; "
                 "a downgrade can break the cluster. Bundle Flux >= the installed one, or "
-                "re-run with --force to downgrade")
+                "re-run with --force to downgrade"
+            )
         note = f"Kubernetes {server.get('gitVersion')}; Flux {installed or 'unknown'} installed"
-    _log.info("preflight passed", kubernetes=server.get("gitVersion"),
-              flux_installed=ctx.installed_flux_version, flux_bundled=ctx.bundle.version)
+    _log.info(
+        "preflight passed",
+        kubernetes=server.get("gitVersion"),
+        flux_installed=ctx.installed_flux_version,
+        flux_bundled=ctx.bundle.version,
+    )
     return StepResult("preflight", note=note)

@@ -31,11 +31,13 @@ def inputs_digest(config: Config, bundle: FluxBundle) -> str:
         files += config.sync.credentials.files.values()
     files += [k.file for s in config.site.secrets for k in s.keys if k.file]
     files += [m.file for m in config.site.manifests]
-    file_digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-                    if p.is_file()}
+    file_digests = {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()
+    }
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "source"}
-    blob = json.dumps([__version__, bundle.sha256, settings, file_digests], default=str,
-                      sort_keys=True)
+    blob = json.dumps(
+        [__version__, bundle.sha256, settings, file_digests], default=str, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -48,24 +50,39 @@ def load(kube: Kube, config: Config) -> Obj | None:
     return record
 
 
-def build(config: Config, bundle: FluxBundle, digest: str, started: str, finished: str,
-          duration: float, steps: list[StepResult], error: str | None,
-          revision: str | None) -> Obj:
+def build(
+    config: Config,
+    bundle: FluxBundle,
+    digest: str,
+    started: str,
+    finished: str,
+    duration: float,
+    steps: list[StepResult],
+    error: str | None,
+    revision: str | None,
+) -> Obj:
     sync = config.sync
     return {
         "agentVersion": __version__,
         "fluxVersion": bundle.version,
         "fluxBundleSha256": bundle.sha256,
-        "sync": {"name": sync.name, "namespace": sync.namespace, "url": sync.url,
-                 "ref": sync.ref.as_spec(), "path": sync.path},
+        "sync": {
+            "name": sync.name,
+            "namespace": sync.namespace,
+            "url": sync.url,
+            "ref": sync.ref.as_spec(),
+            "path": sync.path,
+        },
         "revision": revision,
         "result": "failed" if error else "succeeded",
         "error": error,
         "startedAt": started,
         "finishedAt": finished,
         "durationSeconds": round(duration, 2),
-        "steps": [{"name": s.name, "outcome": s.outcome, "changes": s.changes, "note": s.note}
-                  for s in steps],
+        "steps": [
+            {"name": s.name, "outcome": s.outcome, "changes": s.changes, "note": s.note}
+            for s in steps
+        ],
         "inputsDigest": digest,
     }
 
@@ -75,21 +92,24 @@ def _essence(record: Obj | None) -> Obj:
     if record is None:
         return {}
     out = {k: v for k, v in record.items() if k not in VOLATILE and k != "steps"}
-    out["failedStep"] = next((s["name"] for s in record.get("steps", [])
-                              if s["outcome"] == "failed"), None)
+    out["failedStep"] = next(
+        (s["name"] for s in record.get("steps", []) if s["outcome"] == "failed"), None
+    )
     return out
 
 
-def save(kube: Kube, config: Config, record: Obj, previous: Obj | None,
-         changed: bool) -> bool:
+def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed: bool) -> bool:
     """Write the record unless the run changed nothing and found what the last one found."""
     if not changed and _essence(record) == _essence(previous):
         return False
     body = json.dumps(record, indent=2, sort_keys=True)
     ensure(kube, [desired.namespace(_record_namespace(config))], _log)
     kube.apply(desired.run_record(config.record.namespace, config.record.name, body))
-    _log.info("run recorded", configmap=f"{config.record.namespace}/{config.record.name}",
-              result=record["result"])
+    _log.info(
+        "run recorded",
+        configmap=f"{config.record.namespace}/{config.record.name}",
+        result=record["result"],
+    )
     return True
 
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import yaml
 
 from agent import desired, log
-from agent.config import GeneratedSecret, NamespaceSpec, PrerequisiteManifest
+from agent.config import (
+    CreateOnceConfigMap,
+    GeneratedSecret,
+    NamespaceSpec,
+    PrerequisiteManifest,
+)
 from agent.context import RunContext
 from agent.converge import StepResult, describe, ensure, parallel
 from agent.errors import ConfigError
@@ -36,15 +43,23 @@ def seed(ctx: RunContext) -> StepResult:
     if ctx.trust_previous and _present(ctx):
         return StepResult("seed-site", note="site objects present")
     changes = ensure(ctx.kube, namespaces(ctx), _log)
-    for manifest in site.manifests:
-        changes += _prerequisite(ctx, manifest)
-    changes += [c for c in parallel(lambda s: _generated_secret(ctx, s), site.secrets) if c]
-    for config_map in site.config_maps:
-        obj = desired.config_map(config_map)
-        if ctx.kube.get_like(obj) is None and ctx.kube.create(obj) is not None:
-            _log.info(f"created {describe(obj)}")
-            changes.append(f"created {describe(obj)}")
+    # With the namespaces there, the rest is independent: do it concurrently.
+    tasks: list[Callable[[], list[str]]] = [
+        *(partial(_prerequisite, ctx, m) for m in site.manifests),
+        *(partial(_generated_secret, ctx, s) for s in site.secrets),
+        *(partial(_create_once, ctx, c) for c in site.config_maps),
+    ]
+    for done in parallel(lambda task: task(), tasks):
+        changes += done
     return StepResult("seed-site", changes)
+
+
+def _create_once(ctx: RunContext, spec: CreateOnceConfigMap) -> list[str]:
+    obj = desired.config_map(spec)
+    if ctx.kube.get_like(obj) is None and ctx.kube.create(obj) is not None:
+        _log.info(f"created {describe(obj)}")
+        return [f"created {describe(obj)}"]
+    return []
 
 
 def load_manifest(manifest: PrerequisiteManifest) -> list[Obj]:
@@ -67,8 +82,9 @@ def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
     objects = load_manifest(manifest)
     # Namespaces first: the rest of the file may live in them.
     first = [o for o in objects if o["kind"] == "Namespace"]
-    return ensure(ctx.kube, first, _log) + \
-        ensure(ctx.kube, [o for o in objects if o["kind"] != "Namespace"], _log)
+    return ensure(ctx.kube, first, _log) + ensure(
+        ctx.kube, [o for o in objects if o["kind"] != "Namespace"], _log
+    )
 
 
 def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, bytes]:
@@ -80,9 +96,11 @@ def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, by
             try:
                 value = key.file.read_bytes()
             except OSError as err:
-                raise ConfigError(f"{key.file}: cannot read secret file for "
-                                  f"{spec.namespace}/{spec.name} key {key.name}: "
-                                  f"{err.strerror}") from None
+                raise ConfigError(
+                    f"{key.file}: cannot read secret file for "
+                    f"{spec.namespace}/{spec.name} key {key.name}: "
+                    f"{err.strerror}"
+                ) from None
         else:
             value = secrets.token_hex(key.generate_bytes).encode()
         log.register_secret(value)
@@ -90,26 +108,25 @@ def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, by
     return values
 
 
-def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> str | None:
+def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
     live = ctx.kube.get("v1", "Secret", spec.name, spec.namespace)
     if live is None:
         obj = desired.generated_secret(spec, _values(spec))
         if ctx.kube.create(obj) is None:
             _log.info(f"{describe(obj)} was created meanwhile; keeping it")
-            return None
+            return []
         _log.info(f"created {describe(obj)}", keys=sorted(k.name for k in spec.keys))
-        return f"created {describe(obj)}"
+        return [f"created {describe(obj)}"]
     missing = {k.name for k in spec.keys} - set((live.get("data") or {}).keys())
     for value in (live.get("data") or {}).values():
         log.register_secret(base64.b64decode(value))
     if not missing:
-        return None
+        return []
     # Add only what is missing; existing values are never rotated.
-    patch = {"data": {k: base64.b64encode(v).decode()
-                      for k, v in _values(spec, missing).items()}}
+    patch = {"data": {k: base64.b64encode(v).decode() for k, v in _values(spec, missing).items()}}
     ctx.kube.merge_patch(live, patch)
     _log.info(f"added missing keys to Secret/{spec.namespace}/{spec.name}", keys=sorted(missing))
-    return f"updated Secret/{spec.namespace}/{spec.name}"
+    return [f"updated Secret/{spec.namespace}/{spec.name}"]
 
 
 def _present(ctx: RunContext) -> bool:

@@ -14,8 +14,13 @@ from agent.errors import BootstrapError
 _log = log.get("verify")
 Obj = dict[str, Any]
 # Kustomization Ready=False reasons that mean the attempt failed (not merely in progress).
-FAILED_REASONS = {"BuildFailed", "ReconciliationFailed", "PruneFailed", "ArtifactFailed",
-                  "InvalidPath"}
+FAILED_REASONS = {
+    "BuildFailed",
+    "ReconciliationFailed",
+    "PruneFailed",
+    "ArtifactFailed",
+    "InvalidPath",
+}
 
 
 def source_revision(repo: Obj | None) -> str | None:
@@ -27,8 +32,11 @@ def source_revision(repo: Obj | None) -> str | None:
     if is_true(repo, "Stalled"):
         raise BootstrapError(f"{name} is stalled: {_message(repo, 'Stalled')}")
     ready = condition(repo, "Ready")
-    if ready is not None and ready.get("status") == "False" and ready.get("reason") != \
-            "Progressing":
+    if (
+        ready is not None
+        and ready.get("status") == "False"
+        and ready.get("reason") != "Progressing"
+    ):
         raise BootstrapError(f"{name} failed ({ready.get('reason')}): {ready.get('message')}")
     revision = repo.get("status", {}).get("artifact", {}).get("revision")
     return revision if is_true(repo, "Ready") and revision else None
@@ -44,10 +52,15 @@ def attempted(ks: Obj | None, revision: str) -> bool:
     if ks.get("status", {}).get("lastAttemptedRevision") != revision:
         return False
     ready = condition(ks, "Ready")
-    if observed_current(ks) and ready is not None and ready.get("status") == "False" and \
-            ready.get("reason") in FAILED_REASONS:
-        raise BootstrapError(f"{name} failed to apply {revision} ({ready.get('reason')}): "
-                             f"{ready.get('message')}")
+    if (
+        observed_current(ks)
+        and ready is not None
+        and ready.get("status") == "False"
+        and ready.get("reason") in FAILED_REASONS
+    ):
+        raise BootstrapError(
+            f"{name} failed to apply {revision} ({ready.get('reason')}): {ready.get('message')}"
+        )
     return True
 
 
@@ -74,7 +87,8 @@ def verify(ctx: RunContext) -> StepResult:
             return None
         return revision
 
-    revision = wait_until(f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline,
-                          _log, interval=1.0)
+    revision = wait_until(
+        f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline, _log, interval=1.0
+    )
     _log.info("Flux accepted the sync", revision=revision)
     return StepResult("verify", note=revision)

@@ -30,8 +30,13 @@ class _BackoffOrRetryAfter(tenacity.wait.wait_base):
         return float(self.backoff(state))
 
 
-def wait_for_api(endpoints: list[str], verify: str | bool, cert: tuple[str, str] | None,
-                 headers: dict[str, str], deadline: float) -> str:
+def wait_for_api(
+    endpoints: list[str],
+    verify: str | bool,
+    cert: tuple[str, str] | None,
+    headers: dict[str, str],
+    deadline: float,
+) -> str:
     """Probe each endpoint's /readyz in order until one says ok; return that endpoint.
     Refused connections, TLS errors while the server starts, 5xx and 429 are expected."""
     started = time.monotonic()
@@ -51,7 +56,8 @@ def wait_for_api(endpoints: list[str], verify: str | bool, cert: tuple[str, str]
                 if response.status_code in (401, 403):
                     raise BootstrapError(
                         f"{endpoint} rejected the credentials (HTTP {response.status_code}); "
-                        "check the kubeconfig")
+                        "check the kubeconfig"
+                    )
                 header = response.headers.get("Retry-After", "")
                 if header.isdigit():
                     retry_after = float(header)
@@ -60,9 +66,13 @@ def wait_for_api(endpoints: list[str], verify: str | bool, cert: tuple[str, str]
 
         def progress(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            _log.info("API not ready yet", attempt=state.attempt_number,
-                      waited_s=round(time.monotonic() - started, 1),
-                      deadline_in_s=round(deadline - time.monotonic()), detail=str(exc))
+            _log.info(
+                "API not ready yet",
+                attempt=state.attempt_number,
+                waited_s=round(time.monotonic() - started, 1),
+                deadline_in_s=round(deadline - time.monotonic()),
+                detail=str(exc),
+            )
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(NotReady),
@@ -74,8 +84,10 @@ def wait_for_api(endpoints: list[str], verify: str | bool, cert: tuple[str, str]
         try:
             endpoint: str = retrying(probe)
         except NotReady as err:
-            raise BootstrapError(f"the Kubernetes API did not become ready within "
-                                 f"{round(time.monotonic() - started)}s ({err}); it is "
-                                 "retried on the next run") from None
+            raise BootstrapError(
+                f"the Kubernetes API did not become ready within "
+                f"{round(time.monotonic() - started)}s ({err}); it is "
+                "retried on the next run"
+            ) from None
     _log.info("API ready", endpoint=endpoint, waited_s=round(time.monotonic() - started, 2))
     return endpoint

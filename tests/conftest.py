@@ -1,0 +1,93 @@
+"""Shared fixtures: the simulator, the Flux bundle from ../shared, and an agent runner that
+drives the real CLI in a subprocess (real exit codes, real log output)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest_plugins = ["kubesim.pytest_plugin"]
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+BUNDLE = SHARED / "flux" / "v2.9.4" / "gotk-components.yaml"
+BUNDLE_SHA = hashlib.sha256(BUNDLE.read_bytes()).hexdigest()
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def agent_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "ALGA_BOOTSTRAP_CONFIG")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_agent(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or agent_env(),
+        cwd=REPO,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def basic_config(**sync: Any) -> dict[str, Any]:
+    """A general (non-Alga) config: the bundle from ../shared and a plain sync."""
+    return {
+        "flux": {"manifests": str(BUNDLE), "sha256": BUNDLE_SHA},
+        "sync": {
+            "name": "appliance",
+            "url": "https://git.example/org/appliance.git",
+            "ref": {"branch": "main"},
+            "path": "./clusters/appliance",
+            **sync,
+        },
+    }
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(data: dict[str, Any], name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def fast_run_args(config: Path, kubeconfig: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "--config",
+        str(config),
+        "--kubeconfig",
+        str(kubeconfig),
+        "--log-format",
+        "json",
+        *extra,
+    ]
