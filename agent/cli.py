@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import __version__, log
 from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tool, downgrade Flux, re-target an existing sync",
     )
     run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what a run would create, change and leave alone (server-side dry run); "
+        "write nothing",
+    )
+    run.add_argument(
         "--log-format",
         choices=["json", "console"],
         help="default: console on a terminal, JSON lines otherwise",
@@ -94,13 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", type=Path, help=config_help)
     validate.add_argument("--flux-manifests", type=Path, help="check this bundle instead")
 
+    status = sub.add_parser(
+        "status",
+        help="where the bootstrap and Flux stand (reads only)",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--config", type=Path, help=config_help)
+    status.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)",
+    )
+    status.add_argument("--flux-manifests", type=Path, help="the bundled Flux to compare with")
+    status.add_argument("--output", "-o", choices=["text", "json"], default="text")
+
     sub.add_parser("version", help="print the agent version and the Flux version it pins")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log.configure(getattr(args, "log_format", None))
+    # Only `run` narrates; other commands (and a dry run) print their answer, log warnings.
+    quiet = args.command != "run" or args.dry_run
+    log.configure(getattr(args, "log_format", None), quiet=quiet)
     try:
         return _dispatch(args)
     except BootstrapError as err:
@@ -123,21 +147,50 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "version":
+        from agent import bundle as flux_bundle
         from agent import config as config_module
 
         try:
             pinned = config_module.load(None).flux
-            flux = f" (default config pins Flux bundle sha256 {pinned.sha256[:12]})"
+            flux = f" (config pins the Flux bundle sha256 {pinned.sha256[:12]}"
+            flux += f", Flux {flux_bundle.load(pinned.manifests, pinned.sha256).version})"
         except ConfigError:
-            flux = ""
+            flux = flux + ", bundle not readable)" if flux else ""
         print(f"alga-bootstrap {__version__}{flux}")
         return EXIT_OK
     if args.command == "validate":
         return _validate(args)
+    if args.command == "status":
+        from agent import status
+
+        return status.main(args.config, args.kubeconfig, args.flux_manifests, args.output)
     from agent.run import RunOptions, run
 
-    run(RunOptions(args.config, args.kubeconfig, args.flux_manifests, args.timeout, args.force))
+    results = run(
+        RunOptions(
+            args.config,
+            args.kubeconfig,
+            args.flux_manifests,
+            args.timeout,
+            args.force,
+            args.dry_run,
+        )
+    )
+    if args.dry_run:
+        _print_plan(results)
     return EXIT_OK
+
+
+def _print_plan(results: list[Any]) -> None:
+    lines = [line for r in results for line in r.changes]
+    writes = [line for line in lines if line.startswith("would ")]
+    print(
+        f"dry run: {len(writes)} to create or change, {len(lines) - len(writes)} left alone; "
+        "nothing was written"
+    )
+    for result in results:
+        for line in result.changes:
+            print(f"  [{result.name}] {line}")
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -129,6 +129,12 @@ class RecordConfig:
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    name: str
+    duration_s: int
+
+
+@dataclass(frozen=True)
 class Config:
     source: str  # where the config came from, for messages
     cluster: ClusterConfig
@@ -136,6 +142,7 @@ class Config:
     sync: SyncConfig
     site: SiteConfig
     record: RecordConfig
+    lease: LeaseConfig
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -314,6 +321,7 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         sync=_sync(top.section("sync")),
         site=_site(top.section("site")),
         record=_record(top.section("record")),
+        lease=_lease(top.section("lease")),
     )
     top.raw("preset")
     top.close()
@@ -524,3 +532,13 @@ def _record(s: _Section) -> RecordConfig:
     )
     s.close()
     return record
+
+
+def _lease(s: _Section) -> LeaseConfig:
+    """The Lease (in record.namespace) a run holds while it writes."""
+    duration = s.number("durationSeconds", 30)
+    if not 1 <= duration <= 3600:
+        s.fail(f"{duration} is out of range; use 1 to 3600 seconds", "durationSeconds")
+    lease = LeaseConfig(s.text("name", "alga-bootstrap", DNS_SUBDOMAIN), duration)
+    s.close()
+    return lease

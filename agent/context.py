@@ -19,6 +19,7 @@ class RunContext:
     kube: Kube
     deadline: float  # time.monotonic() by which the run gives up
     force: bool = False
+    dry_run: bool = False
     # The last recorded run succeeded with these very inputs: steps may confirm health with
     # a few reads instead of comparing every object.
     trust_previous: bool = False

@@ -8,6 +8,7 @@ throttling, server errors and dropped connections.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from agent import log
 from agent.errors import BootstrapError, ConfigError
 
 Obj = dict[str, Any]
+Query = list[tuple[str, str]]
 FIELD_MANAGER = "alga-bootstrap"
 RETRYABLE_STATUS = {0, 429, 500, 502, 503, 504}
 
@@ -149,6 +151,8 @@ class Kube:
         configuration.connection_pool_maxsize = 8
         self.host = configuration.host
         self.kinds = dict(BUILTIN_KINDS)
+        self.dry_run = False
+        self.before_write: Callable[[], None] | None = None
         self._api = k8s.ApiClient(configuration)
 
     def close(self) -> None:
@@ -245,35 +249,55 @@ class Kube:
             item.setdefault("kind", kind)
         return items
 
-    def apply(self, obj: Obj, force: bool = True, dry_run: bool = False) -> Obj:
-        """Server-side apply as the agent's field manager."""
-        query = [("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")]
-        if dry_run:
-            query.append(("dryRun", "All"))
-        result: Obj = self._call(
-            "PATCH", self.path_of(obj), query, obj, "application/apply-patch+yaml"
+    # -- writes ------------------------------------------------------------------------------
+    # In dry-run mode every write is sent with dryRun=All: the server validates and answers
+    # as if, and nothing changes. `before_write` (the run's Lease) is called before a real
+    # write that is not the lease itself.
+
+    def _write(
+        self,
+        method: str,
+        path: str,
+        query: Query,
+        body: Any,
+        content_type: str = "application/json",
+        guarded: bool = True,
+    ) -> Any:
+        if self.dry_run:
+            query = [*query, ("dryRun", "All")]
+        elif guarded and self.before_write is not None:
+            self.before_write()
+        return self._call(
+            method, path, [("fieldManager", FIELD_MANAGER), *query], body, content_type
+        )
+
+    def apply(self, obj: Obj) -> Obj:
+        """Server-side apply as the agent's field manager, forced as `flux install` does."""
+        result: Obj = self._write(
+            "PATCH", self.path_of(obj), [("force", "true")], obj, "application/apply-patch+yaml"
         )
         return result
 
-    def create(self, obj: Obj) -> Obj | None:
+    def create(self, obj: Obj, guarded: bool = True) -> Obj | None:
         """Create `obj`; None when it already exists (someone else created it first)."""
         meta = obj["metadata"]
         path = self.path(obj["apiVersion"], obj["kind"], meta.get("namespace", ""))
         try:
-            created: Obj = self._call("POST", path, [("fieldManager", FIELD_MANAGER)], obj)
+            created: Obj = self._write("POST", path, [], obj, guarded=guarded)
         except ApiError as err:
             if err.status == 409:
                 return None
             raise
         return created
 
+    def replace(self, obj: Obj, guarded: bool = True) -> Obj:
+        """Update `obj` as read: 409 when it changed since (its resourceVersion)."""
+        result: Obj = self._write("PUT", self.path_of(obj), [], obj, guarded=guarded)
+        return result
+
     def merge_patch(self, obj: Obj, patch: Obj) -> Obj:
-        result: Obj = self._call(
-            "PATCH",
-            self.path_of(obj),
-            [("fieldManager", FIELD_MANAGER)],
-            patch,
-            "application/merge-patch+json",
+        result: Obj = self._write(
+            "PATCH", self.path_of(obj), [], patch, "application/merge-patch+json"
         )
         return result
 

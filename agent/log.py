@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -44,8 +45,9 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-def configure(fmt: str | None = None) -> None:
-    """`fmt` json or console; by default console on a TTY and JSON otherwise."""
+def configure(fmt: str | None = None, quiet: bool = False) -> None:
+    """`fmt` json or console; by default console on a TTY and JSON otherwise. `quiet`:
+    warnings and errors only, on stderr (for commands whose stdout is their answer)."""
     console = sys.stdout.isatty() if fmt is None else fmt == "console"
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
@@ -59,7 +61,10 @@ def configure(fmt: str | None = None) -> None:
             _redact_event,
             renderer,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr if quiet else sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.WARNING if quiet else logging.INFO
+        ),
         cache_logger_on_first_use=False,
     )
 

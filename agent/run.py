@@ -15,9 +15,17 @@ from agent.context import RunContext
 from agent.converge import StepResult
 from agent.errors import BootstrapError, ConfigError
 from agent.kube import Kube, load_kubeconfig, tls_settings
+from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
 
 _log = log.get("run")
+STEPS = (
+    ("preflight", preflight.check),
+    ("install-flux", install_flux.install),
+    ("seed-site", seed_site.seed),
+    ("create-sync", create_sync.create),
+    ("verify", verify.verify),
+)
 
 
 @dataclass(frozen=True)
@@ -27,20 +35,17 @@ class RunOptions:
     flux_manifests: Path | None
     timeout_s: float
     force: bool
+    dry_run: bool = False
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def run(options: RunOptions) -> None:
-    """Raises BootstrapError (or a subclass) with the exit code on failure."""
-    started_at, started = _now(), time.monotonic()
-    deadline = started + options.timeout_s
-    config = config_module.load(options.config_path)
-    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
+def connect(config: config_module.Config, kubeconfig: Path | None, deadline: float) -> Kube:
+    """Credentials, then wait until an endpoint is ready; a client for that endpoint."""
     kubeconfig_path = (
-        options.kubeconfig
+        kubeconfig
         or config.cluster.kubeconfig
         or (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
     )
@@ -51,71 +56,101 @@ def run(options: RunOptions) -> None:
         )
     client_config = load_kubeconfig(kubeconfig_path)
     endpoints = list(config.cluster.endpoints or [client_config.host])
+    endpoint = wait_api.wait_for_api(endpoints, *tls_settings(client_config), deadline)
+    return Kube(client_config, endpoint)
+
+
+def run(options: RunOptions) -> list[StepResult]:
+    """Raises BootstrapError (or a subclass) with the exit code on failure."""
+    started_at, started = _now(), time.monotonic()
+    deadline = started + options.timeout_s
+    config = config_module.load(options.config_path)
+    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
     _log.info(
         "starting",
         config=config.source,
         flux=bundle.version,
-        endpoints=endpoints,
         timeout_s=options.timeout_s,
+        dry_run=options.dry_run,
     )
-
-    endpoint = wait_api.wait_for_api(endpoints, *tls_settings(client_config), deadline)
-    kube = Kube(client_config, endpoint)
-    ctx = RunContext(config, bundle, kube, deadline, force=options.force)
-    previous = record.load(kube, config)
+    kube = connect(config, options.kubeconfig, deadline)
+    kube.dry_run = options.dry_run
+    lease = None
+    if not options.dry_run:
+        lease = RunLease(
+            kube,
+            config.record.namespace,
+            config.lease.name,
+            config.lease.duration_s,
+            deadline - time.monotonic(),
+        )
+        kube.before_write = lease.before_write
+    ctx = RunContext(config, bundle, kube, deadline, force=options.force, dry_run=options.dry_run)
     digest = record.inputs_digest(config, bundle)
+    try:
+        try:
+            previous, results, error = _steps(ctx, digest)
+        except LeaseWaited:
+            # Another run held the lease: what this one read may be stale. Look again, now
+            # holding the lease; usually the other run did everything.
+            assert lease is not None
+            lease.stale = False
+            _log.info("the other run finished; checking again")
+            previous, results, error = _steps(ctx, digest)
+        if options.dry_run:
+            if error is not None:
+                raise error
+            return results
+        changed = any(r.changes for r in results)
+        revision = next((r.note for r in results if r.name == "verify" and r.note), None)
+        entry = record.build(
+            config,
+            bundle,
+            digest,
+            started_at,
+            _now(),
+            time.monotonic() - started,
+            results,
+            str(error) if error else None,
+            revision,
+        )
+        if error is not None:
+            entry["steps"][-1]["outcome"] = "failed"
+            _record_best_effort(kube, config, entry, previous, changed)
+            raise error
+        record.save(kube, config, entry, previous, changed)
+        _log.info(
+            "done" if changed else "nothing to do",
+            revision=revision,
+            changes=sum(len(r.changes) for r in results),
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return results
+    finally:
+        if lease is not None:
+            lease.release()
+        kube.close()
+
+
+def _steps(
+    ctx: RunContext, digest: str
+) -> tuple[dict[str, object] | None, list[StepResult], BootstrapError | None]:
+    """Run every step in order; stop at the first failure, and say which step it was."""
+    previous = record.load(ctx.kube, ctx.config)
     ctx.trust_previous = bool(
-        previous
+        not ctx.dry_run
+        and previous
         and previous.get("result") == "succeeded"
         and previous.get("inputsDigest") == digest
     )
-
     results: list[StepResult] = []
-    error: BootstrapError | None = None
-    try:
-        for step in (
-            preflight.check,
-            install_flux.install,
-            seed_site.seed,
-            create_sync.create,
-            verify.verify,
-        ):
+    for name, step in STEPS:
+        try:
             results.append(step(ctx))
-    except BootstrapError as err:
-        error = err
-        results.append(StepResult(_step_name(len(results)), note=str(err)))
-    changed = any(r.changes for r in results)
-    revision = next((r.note for r in results if r.name == "verify"), None)
-    entry = record.build(
-        config,
-        bundle,
-        digest,
-        started_at,
-        _now(),
-        time.monotonic() - started,
-        results,
-        str(error) if error else None,
-        revision,
-    )
-    if error is not None:
-        entry["steps"][-1]["outcome"] = "failed"
-        _record_best_effort(kube, config, entry, previous, changed)
-        raise error
-    record.save(kube, config, entry, previous, changed)
-    _log.info(
-        "done" if changed else "nothing to do",
-        revision=revision,
-        changes=sum(len(r.changes) for r in results),
-        seconds=round(time.monotonic() - started, 2),
-    )
-    kube.close()
-
-
-STEP_NAMES = ("preflight", "install-flux", "seed-site", "create-sync", "verify")
-
-
-def _step_name(index: int) -> str:
-    return STEP_NAMES[min(index, len(STEP_NAMES) - 1)]
+        except BootstrapError as err:
+            results.append(StepResult(name, note=str(err)))
+            return previous, results, err
+    return previous, results, None
 
 
 def _record_best_effort(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -91,3 +92,14 @@ def fast_run_args(config: Path, kubeconfig: Path, *extra: str) -> list[str]:
         "json",
         *extra,
     ]
+
+
+# The run's own bookkeeping: its record, the Lease it holds while writing, their namespace.
+BOOKKEEPING = re.compile(
+    r"(/leases(/alga-bootstrap)?|/configmaps/alga-bootstrap-run"
+    r"|^/api/v1/namespaces(/alga-system)?)$"
+)
+
+
+def writes_beyond_bookkeeping(sim: Any) -> list[str]:
+    return [r["path"] for r in sim.writes() if not BOOKKEEPING.search(r["path"])]

@@ -6,7 +6,15 @@ from typing import Any
 
 from agent import log
 from agent.context import RunContext
-from agent.converge import StepResult, ensure, is_true, observed_current, wait_until
+from agent.converge import (
+    StepResult,
+    ensure,
+    fetch_live,
+    is_true,
+    observed_current,
+    wait_until,
+)
+from agent.errors import NeedsDecision
 
 _log = log.get("install-flux")
 CRD_API = "apiextensions.k8s.io/v1"
@@ -17,7 +25,14 @@ def install(ctx: RunContext) -> StepResult:
     kube.register_crds(bundle.crds)
     if ctx.trust_previous and _running(ctx):
         return StepResult("install-flux", note=f"Flux {bundle.version} running")
-    changes = ensure(kube, bundle.first_stage, _log)
+    first_stage = bundle.first_stage
+    live = fetch_live(kube, first_stage)
+    _refuse_dropping_stored_versions(ctx, first_stage, live)
+    if ctx.installed_flux_version and ctx.installed_flux_version != bundle.version:
+        _log.info("upgrading Flux", installed=ctx.installed_flux_version, bundled=bundle.version)
+    changes = ensure(kube, first_stage, _log, live)
+    if ctx.dry_run:  # nothing was created: there is nothing to wait for
+        return StepResult("install-flux", changes + ensure(kube, bundle.second_stage, _log))
     wait_until(
         "the Flux CRDs to be Established",
         lambda: _established(ctx),
@@ -35,6 +50,28 @@ def install(ctx: RunContext) -> StepResult:
     )
     _log.info("Flux running", version=bundle.version, changes=len(changes))
     return StepResult("install-flux", changes, f"Flux {bundle.version} running")
+
+
+def _refuse_dropping_stored_versions(
+    ctx: RunContext, objects: list[dict[str, Any]], live: list[dict[str, Any] | None]
+) -> None:
+    """An upgrade may not drop a CRD version objects are still stored in: they would
+    become unreadable."""
+    for desired, current in zip(objects, live, strict=True):
+        if desired["kind"] != "CustomResourceDefinition" or current is None:
+            continue
+        stored = set(current.get("status", {}).get("storedVersions", []))
+        kept = {v["name"] for v in desired["spec"]["versions"]}
+        dropped = sorted(stored - kept)
+        if dropped:
+            raise NeedsDecision(
+                f"CRD {desired['metadata']['name']} still stores objects as "
+                f"{', '.join(dropped)}, which Flux {ctx.bundle.version} no longer serves; "
+                f"first migrate them with the installed Flux "
+                f"({ctx.installed_flux_version or 'unknown'}): re-apply them at a served "
+                "version, then remove the old version from status.storedVersions "
+                "(`flux migrate` does both), and re-run"
+            )
 
 
 def _established(ctx: RunContext) -> bool | None:

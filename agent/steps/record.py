@@ -99,8 +99,11 @@ def _essence(record: Obj | None) -> Obj:
 
 
 def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed: bool) -> bool:
-    """Write the record unless the run changed nothing and found what the last one found."""
-    if not changed and _essence(record) == _essence(previous):
+    """Write the record unless the run changed nothing and found what the last one found
+    (read again: another run may have recorded the same result meanwhile)."""
+    if not changed and (
+        _essence(record) == _essence(previous) or _essence(record) == _essence(load(kube, config))
+    ):
         return False
     body = json.dumps(record, indent=2, sort_keys=True)
     ensure(kube, [desired.namespace(_record_namespace(config))], _log)

@@ -17,6 +17,7 @@ import yaml
 
 from agent import desired, log
 from agent.config import (
+    Config,
     CreateOnceConfigMap,
     GeneratedSecret,
     NamespaceSpec,
@@ -30,11 +31,11 @@ _log = log.get("seed-site")
 Obj = dict[str, Any]
 
 
-def namespaces(ctx: RunContext) -> list[Obj]:
+def namespaces_of(config: Config) -> list[Obj]:
     """The site's namespaces, plus the one the run record lives in."""
-    specs = list(ctx.config.site.namespaces)
-    if ctx.config.record.namespace not in {n.name for n in specs}:
-        specs.append(NamespaceSpec(ctx.config.record.namespace))
+    specs = list(config.site.namespaces)
+    if config.record.namespace not in {n.name for n in specs}:
+        specs.append(NamespaceSpec(config.record.namespace))
     return [desired.namespace(spec) for spec in specs]
 
 
@@ -42,7 +43,7 @@ def seed(ctx: RunContext) -> StepResult:
     site = ctx.config.site
     if ctx.trust_previous and _present(ctx):
         return StepResult("seed-site", note="site objects present")
-    changes = ensure(ctx.kube, namespaces(ctx), _log)
+    changes = ensure(ctx.kube, namespaces_of(ctx.config), _log)
     # With the namespaces there, the rest is independent: do it concurrently.
     tasks: list[Callable[[], list[str]]] = [
         *(partial(_prerequisite, ctx, m) for m in site.manifests),
@@ -56,7 +57,13 @@ def seed(ctx: RunContext) -> StepResult:
 
 def _create_once(ctx: RunContext, spec: CreateOnceConfigMap) -> list[str]:
     obj = desired.config_map(spec)
-    if ctx.kube.get_like(obj) is None and ctx.kube.create(obj) is not None:
+    if ctx.kube.get_like(obj) is not None:
+        return (
+            [f"unchanged {describe(obj)} (created once, never overwritten)"] if ctx.dry_run else []
+        )
+    if ctx.dry_run:
+        return [f"would create {describe(obj)}"]
+    if ctx.kube.create(obj) is not None:
         _log.info(f"created {describe(obj)}")
         return [f"created {describe(obj)}"]
     return []
@@ -78,7 +85,7 @@ def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
         api_version, kind, namespace, name = manifest.skip_if_exists
         if ctx.kube.get(api_version, kind, name, namespace) is not None:
             _log.info(f"{kind} {name} exists; leaving {manifest.file.name} alone")
-            return []
+            return [f"unchanged {manifest.file.name} ({kind} {name} exists)"] if ctx.dry_run else []
     objects = load_manifest(manifest)
     # Namespaces first: the rest of the file may live in them.
     first = [o for o in objects if o["kind"] == "Namespace"]
@@ -110,6 +117,14 @@ def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, by
 
 def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
     live = ctx.kube.get("v1", "Secret", spec.name, spec.namespace)
+    if ctx.dry_run:
+        missing = {k.name for k in spec.keys} - set(((live or {}).get("data") or {}).keys())
+        where = f"Secret/{spec.namespace}/{spec.name}"
+        if live is None:
+            return [f"would create {where} (keys {', '.join(sorted(missing))})"]
+        if missing:
+            return [f"would add keys {', '.join(sorted(missing))} to {where}"]
+        return [f"unchanged {where} (never rotated)"]
     if live is None:
         obj = desired.generated_secret(spec, _values(spec))
         if ctx.kube.create(obj) is None:
@@ -133,7 +148,7 @@ def _present(ctx: RunContext) -> bool:
     """A few list reads confirming every site object is still there."""
     site = ctx.config.site
     wanted: dict[tuple[str, str, str], set[str]] = {}
-    for ns in namespaces(ctx):
+    for ns in namespaces_of(ctx.config):
         wanted.setdefault(("v1", "Namespace", ""), set()).add(ns["metadata"]["name"])
     for s in site.secrets:
         wanted.setdefault(("v1", "Secret", s.namespace), set()).add(s.name)

@@ -70,6 +70,8 @@ def _message(obj: Obj, kind: str) -> str:
 
 def verify(ctx: RunContext) -> StepResult:
     sync = ctx.config.sync
+    if ctx.dry_run:
+        return StepResult("verify", note="skipped in a dry run")
     repo_ref, ks_ref = desired.git_repository(sync), desired.kustomization(sync)
     first_look = list(ctx.sync_objects)  # what create-sync read saves the first requests
 

@@ -1,0 +1,181 @@
+"""The run's Lease: one writer at a time (another control-plane node, or a field tech while
+the boot-time run is active). Taken on the first write, so a run that writes nothing never
+touches it; a holder that stops renewing is taken over after the lease's duration."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+import uuid
+from typing import Any
+
+import tenacity
+
+from agent import log
+from agent.errors import BootstrapError
+from agent.kube import ApiError, Kube
+
+_log = log.get("lease")
+Obj = dict[str, Any]
+MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class LeaseWaited(Exception):  # a signal to the run, not an error
+    """The run waited for another holder: what it read before may be stale."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _format(moment: dt.datetime) -> str:
+    return moment.strftime(MICRO_TIME)
+
+
+def _parse(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    for fmt in (MICRO_TIME, "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+    return None
+
+
+class RunLease:
+    def __init__(
+        self, kube: Kube, namespace: str, name: str, duration_s: int, deadline_in_s: float
+    ) -> None:
+        self.kube, self.namespace, self.name = kube, namespace, name
+        self.duration_s = duration_s
+        self.deadline_in_s = deadline_in_s
+        self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.held = False
+        self.stale = False  # this pass read the cluster before waiting for another run
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def before_write(self) -> None:
+        """The Kube client's write hook: hold the lease before the first write."""
+        with self._lock:
+            if not self.held:
+                waited_for = self._acquire()
+                self.held = True
+                self.stale = bool(waited_for)
+                threading.Thread(target=self._renew, name="lease-renew", daemon=True).start()
+            if self.stale:
+                raise LeaseWaited(self.identity)
+
+    def _lease(self, live: Obj | None, transitions: int) -> Obj:
+        now = _format(_now())
+        obj: Obj = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "alga-bootstrap"},
+            },
+            "spec": {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": self.duration_s,
+                "acquireTime": now,
+                "renewTime": now,
+                "leaseTransitions": transitions,
+            },
+        }
+        if live is not None:
+            obj["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        return obj
+
+    def _acquire(self) -> str | None:
+        """Take the lease, waiting while another live run holds it. Returns the holder it
+        waited for, if any."""
+        waited_for: str | None = None
+
+        def attempt() -> bool:
+            nonlocal waited_for
+            if self.kube.get("v1", "Namespace", self.namespace) is None:
+                self.kube.create(
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
+                    guarded=False,
+                )
+            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+            if live is None:
+                return self.kube.create(self._lease(None, 0), guarded=False) is not None
+            spec = live.get("spec", {})
+            holder = spec.get("holderIdentity")
+            renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+            duration = spec.get("leaseDurationSeconds", self.duration_s)
+            expired = renewed is None or (_now() - renewed).total_seconds() > duration
+            if holder and holder != self.identity and not expired:
+                if waited_for != holder:
+                    _log.info(
+                        "another run holds the lease; waiting",
+                        holder=holder,
+                        lease=f"{self.namespace}/{self.name}",
+                        duration_s=duration,
+                    )
+                waited_for = holder
+                return False
+            if holder and holder != self.identity:
+                _log.warning(
+                    "taking over the lease of a run that stopped renewing it",
+                    holder=holder,
+                    last_renewed=spec.get("renewTime"),
+                )
+                waited_for = waited_for or holder
+            try:
+                self.kube.replace(
+                    self._lease(live, spec.get("leaseTransitions", 0) + 1), guarded=False
+                )
+            except ApiError as err:
+                if err.status == 409:
+                    return False  # someone else took it first; look again
+                raise
+            return True
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda taken: not taken),
+            wait=tenacity.wait_fixed(0.5),
+            stop=tenacity.stop_after_delay(max(self.deadline_in_s, 1)),
+            retry_error_callback=lambda _: False,
+        )
+        if not retrying(attempt):
+            raise BootstrapError(
+                f"another run kept Lease {self.namespace}/{self.name} "
+                f"(holder {waited_for}) past the deadline; re-run later"
+            )
+        _log.info("lease acquired", lease=f"{self.namespace}/{self.name}", identity=self.identity)
+        return waited_for
+
+    def _renew(self) -> None:
+        while not self._stop.wait(max(self.duration_s / 3, 0.5)):
+            try:
+                live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+                if live is None or live.get("spec", {}).get("holderIdentity") != self.identity:
+                    _log.warning("lost the lease", lease=f"{self.namespace}/{self.name}")
+                    return
+                live["spec"]["renewTime"] = _format(_now())
+                self.kube.replace(live, guarded=False)
+            except BootstrapError as err:
+                _log.warning("could not renew the lease", error=str(err))
+
+    def release(self) -> None:
+        """Hand the lease back (it is never deleted: the agent deletes nothing)."""
+        self._stop.set()
+        with self._lock:
+            if not self.held:
+                return
+            self.held = False
+        try:
+            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+            if live is not None and live.get("spec", {}).get("holderIdentity") == self.identity:
+                live["spec"].pop("holderIdentity", None)
+                live["spec"]["leaseDurationSeconds"] = 1
+                self.kube.replace(live, guarded=False)
+        except BootstrapError as err:
+            _log.warning("could not release the lease; it expires by itself", error=str(err))

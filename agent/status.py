@@ -1,0 +1,337 @@
+"""`alga-bootstrap status`: where the bootstrap and Flux stand, at a glance. Reads only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import bundle as flux_bundle
+from agent import config as config_module
+from agent import desired
+from agent.converge import condition, observed_current
+from agent.errors import EXIT_FAILED, EXIT_OK, EXIT_PROGRESSING, BootstrapError, ConfigError
+from agent.kube import Kind, Kube
+from agent.run import connect
+from agent.steps import record, seed_site
+
+Obj = dict[str, Any]
+READY, PROGRESSING, FAILED = "ready", "progressing", "failed"
+# Ready=False reasons Flux uses while it is still working towards Ready.
+PROGRESSING_REASONS = {
+    "Progressing",
+    "ProgressingWithRetry",
+    "DependencyNotReady",
+    "ArtifactFailed",
+}
+# The Flux kinds status reads, should the bundle be unreadable.
+FLUX_KINDS = {
+    ("source.toolkit.fluxcd.io/v1", "GitRepository"): Kind("gitrepositories", True),
+    ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"): Kind("kustomizations", True),
+    ("helm.toolkit.fluxcd.io/v2", "HelmRelease"): Kind("helmreleases", True),
+}
+KS_API, HR_API = "kustomize.toolkit.fluxcd.io/v1", "helm.toolkit.fluxcd.io/v2"
+OWNER_NAME, OWNER_NS = "kustomize.toolkit.fluxcd.io/name", "kustomize.toolkit.fluxcd.io/namespace"
+
+
+def state_of(obj: Obj | None) -> str:
+    """Flux's readiness of one object, as kstatus reads it."""
+    if obj is None:
+        return FAILED
+    if (condition(obj, "Stalled") or {}).get("status") == "True":
+        return FAILED
+    ready = condition(obj, "Ready")
+    if (
+        not observed_current(obj)
+        or ready is None
+        or ready.get("status") == "Unknown"
+        or (condition(obj, "Reconciling") or {}).get("status") == "True"
+    ):
+        return PROGRESSING
+    if ready.get("status") == "True":
+        return READY
+    return PROGRESSING if ready.get("reason") in PROGRESSING_REASONS else FAILED
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return ""
+    then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _flux_object(obj: Obj) -> Obj:
+    ready = condition(obj, "Ready") or {}
+    status = obj.get("status", {})
+    return {
+        "kind": obj["kind"],
+        "namespace": obj["metadata"]["namespace"],
+        "name": obj["metadata"]["name"],
+        "state": state_of(obj),
+        "ready": ready.get("status", "Unknown"),
+        "reason": ready.get("reason", ""),
+        "message": ready.get("message", ""),
+        "lastAppliedRevision": status.get("lastAppliedRevision")
+        or status.get("lastAttemptedRevision")
+        or "",
+        "age": _age(ready.get("lastTransitionTime") or obj["metadata"].get("creationTimestamp")),
+        "dependsOn": [d["name"] for d in obj.get("spec", {}).get("dependsOn", [])],
+    }
+
+
+def _tree(kube: Kube, root: Obj) -> Obj:
+    """A Kustomization with what it applied: child Kustomizations in dependency order, and
+    the HelmReleases each child applied (by Flux's ownership labels)."""
+    node = _flux_object(root)
+    selector = f"{OWNER_NAME}={root['metadata']['name']},{OWNER_NS}={root['metadata']['namespace']}"
+    node["helmReleases"] = [_flux_object(h) for h in kube.list(HR_API, "HelmRelease", "", selector)]
+    children = [
+        c
+        for c in kube.list(KS_API, "Kustomization", "", selector)
+        if c["metadata"]["name"] != root["metadata"]["name"]
+    ]
+    ordered: list[Obj] = []
+    remaining = {c["metadata"]["name"]: c for c in children}
+    while remaining:  # dependencies first; a cycle falls back to name order
+        ready = [
+            n
+            for n, c in sorted(remaining.items())
+            if not set(d["name"] for d in c.get("spec", {}).get("dependsOn", [])) & set(remaining)
+        ] or sorted(remaining)[:1]
+        for name in ready:
+            ordered.append(remaining.pop(name))
+    node["children"] = [_tree(kube, child) for child in ordered]
+    return node
+
+
+def _worst(states: list[str]) -> str:
+    for state in (FAILED, PROGRESSING):
+        if state in states:
+            return state
+    return READY
+
+
+def _states(node: Obj) -> list[str]:
+    return [
+        node["state"],
+        *(h["state"] for h in node["helmReleases"]),
+        *(s for c in node["children"] for s in _states(c)),
+    ]
+
+
+def collect(
+    config: config_module.Config, kubeconfig: Path | None, flux_manifests: Path | None
+) -> Obj:
+    report: Obj = {
+        "api": {"reachable": False},
+        "flux": {},
+        "source": None,
+        "kustomizations": [],
+        "site": [],
+        "lastRun": None,
+    }
+    try:
+        bundle: flux_bundle.FluxBundle | None = flux_bundle.load(
+            flux_manifests or config.flux.manifests, config.flux.sha256
+        )
+    except ConfigError:
+        bundle = None
+    report["flux"]["bundled"] = bundle.version if bundle else None
+    try:
+        kube = connect(config, kubeconfig, time.monotonic() + 5)
+    except ConfigError:
+        raise
+    except BootstrapError as err:
+        report["api"]["error"] = str(err)
+        report["state"] = FAILED
+        return report
+    try:
+        return _collect(kube, config, bundle, report)
+    finally:
+        kube.close()
+
+
+def _collect(
+    kube: Kube, config: config_module.Config, bundle: flux_bundle.FluxBundle | None, report: Obj
+) -> Obj:
+    server = kube.version()
+    report["api"] = {
+        "reachable": True,
+        "endpoint": kube.host,
+        "kubernetes": server.get("gitVersion"),
+    }
+    kube.kinds.update(FLUX_KINDS)
+    if bundle:
+        kube.register_crds(bundle.crds)
+    crd = kube.get(
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "gitrepositories.source.toolkit.fluxcd.io",
+    )
+    report["flux"]["installed"] = (
+        (crd or {}).get("metadata", {}).get("labels", {}).get("app.kubernetes.io/version")
+    )
+    controllers = []
+    for deploy in kube.list(
+        "apps/v1", "Deployment", config.flux.namespace, "app.kubernetes.io/part-of=flux"
+    ):
+        available = condition(deploy, "Available") or {}
+        ok = available.get("status") == "True" and observed_current(deploy)
+        controllers.append(
+            {
+                "name": deploy["metadata"]["name"],
+                "state": READY if ok else PROGRESSING,
+                "message": available.get("message", ""),
+            }
+        )
+    report["flux"]["controllers"] = controllers
+    sync = config.sync
+    repo = kube.get_like(desired.git_repository(sync)) if crd else None
+    if repo is not None:
+        report["source"] = {
+            **_flux_object(repo),
+            "url": repo["spec"].get("url"),
+            "ref": repo["spec"].get("ref", {}),
+            "revision": repo.get("status", {}).get("artifact", {}).get("revision", ""),
+        }
+    root = kube.get_like(desired.kustomization(sync)) if crd else None
+    if root is not None:
+        report["kustomizations"] = [_tree(kube, root)]
+    report["site"] = _site(kube, config)
+    report["lastRun"] = record.load(kube, config)
+    states = [c["state"] for c in controllers] or [FAILED]
+    states.append(report["source"]["state"] if report["source"] else FAILED)
+    states += [s for node in report["kustomizations"] for s in _states(node)] or [FAILED]
+    states += [READY if item["present"] else FAILED for item in report["site"]]
+    report["state"] = _worst(states)
+    return report
+
+
+def _site(kube: Kube, config: config_module.Config) -> list[Obj]:
+    """The first-boot objects: present or missing. Never their contents."""
+    wanted: list[tuple[str, str, str, str]] = [
+        ("v1", "Namespace", "", n["metadata"]["name"]) for n in seed_site.namespaces_of(config)
+    ]
+    wanted += [("v1", "Secret", s.namespace, s.name) for s in config.site.secrets]
+    wanted += [("v1", "ConfigMap", c.namespace, c.name) for c in config.site.config_maps]
+    wanted += [m.skip_if_exists for m in config.site.manifests if m.skip_if_exists]
+    return [
+        {
+            "kind": kind,
+            "namespace": ns,
+            "name": name,
+            "present": kube.get(api, kind, name, ns) is not None,
+        }
+        for api, kind, ns, name in wanted
+    ]
+
+
+# -- output ------------------------------------------------------------------------------------
+
+_SYMBOL = {READY: "✓", PROGRESSING: "…", FAILED: "✗"}
+_COLOUR = {READY: "32", PROGRESSING: "33", FAILED: "31"}
+
+
+def render_text(report: Obj, colour: bool) -> str:
+    def mark(state: str) -> str:
+        symbol = _SYMBOL[state]
+        return f"\033[{_COLOUR[state]}m{symbol}\033[0m" if colour else symbol
+
+    lines = []
+    api = report["api"]
+    if api["reachable"]:
+        lines.append(
+            f"{mark(READY)} API          {api['endpoint']} (Kubernetes {api.get('kubernetes')})"
+        )
+    else:
+        lines.append(f"{mark(FAILED)} API          unreachable: {api.get('error', '')}")
+        return "\n".join([*lines, f"state: {report['state']}"])
+    flux = report["flux"]
+    installed, bundled = flux.get("installed"), flux.get("bundled")
+    flux_state = (
+        READY if installed and installed == bundled else (FAILED if not installed else PROGRESSING)
+    )
+    note = "" if installed == bundled else "  (a run upgrades it)" if installed else ""
+    lines.append(
+        f"{mark(flux_state)} Flux         installed {installed or 'no'}, bundled "
+        f"{bundled or 'unreadable'}{note}"
+    )
+    for c in flux.get("controllers", []):
+        lines.append(f"    {mark(c['state'])} {c['name']}  {c['message']}")
+    source = report["source"]
+    if source:
+        ref = " ".join(f"{k}={v}" for k, v in source["ref"].items())
+        lines.append(
+            f"{mark(source['state'])} Source       GitRepository {source['namespace']}"
+            f"/{source['name']}  {source['url']} {ref}"
+        )
+        lines.append(
+            f"    revision {source['revision'] or '-'}  {source['reason']}: {source['message']}"
+        )
+    else:
+        lines.append(f"{mark(FAILED)} Source       missing (run alga-bootstrap run)")
+    lines.append("  Sync")
+
+    def tree(node: Obj, depth: int) -> None:
+        pad = "    " * depth
+        after = f"  after {', '.join(node['dependsOn'])}" if node["dependsOn"] else ""
+        lines.append(
+            f"{pad}    {mark(node['state'])} Kustomization {node['namespace']}/"
+            f"{node['name']}  {node['reason']}  {node['lastAppliedRevision']}  "
+            f"{node['age']}{after}"
+        )
+        if node["state"] != READY and node["message"]:
+            lines.append(f"{pad}        {node['message']}")
+        for hr in node["helmReleases"]:
+            lines.append(
+                f"{pad}        {mark(hr['state'])} HelmRelease {hr['namespace']}/"
+                f"{hr['name']}  {hr['reason']}  {hr['age']}"
+            )
+            if hr["state"] != READY and hr["message"]:
+                lines.append(f"{pad}            {hr['message']}")
+        for child in node["children"]:
+            tree(child, depth + 1)
+
+    for node in report["kustomizations"]:
+        tree(node, 0)
+    if not report["kustomizations"]:
+        lines.append(f"    {mark(FAILED)} root Kustomization missing")
+    lines.append("  Site")
+    for item in report["site"]:
+        where = f"{item['namespace']}/" if item["namespace"] else ""
+        lines.append(
+            f"    {mark(READY if item['present'] else FAILED)} {item['kind']} "
+            f"{where}{item['name']}{'' if item['present'] else '  missing'}"
+        )
+    last = report["lastRun"]
+    if last:
+        changes = sum(len(s.get("changes", [])) for s in last.get("steps", []))
+        lines.append(
+            f"  Last run     {last.get('result')} at {last.get('finishedAt')}, "
+            f"{changes} changes, revision {last.get('revision') or '-'}"
+        )
+        if last.get("error"):
+            lines.append(f"               {last['error']}")
+    else:
+        lines.append("  Last run     none recorded")
+    lines.append(f"state: {report['state']}")
+    return "\n".join(lines)
+
+
+def main(
+    config_path: Path | None, kubeconfig: Path | None, flux_manifests: Path | None, output: str
+) -> int:
+    config = config_module.load(config_path)
+    report = collect(config, kubeconfig, flux_manifests)
+    if output == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_text(report, colour=sys.stdout.isatty()))
+    return {READY: EXIT_OK, PROGRESSING: EXIT_PROGRESSING}.get(report["state"], EXIT_FAILED)
