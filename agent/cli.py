@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent import __version__, log
-from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH
+from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, duration_seconds
 from agent.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -19,14 +18,12 @@ from agent.errors import (
     ConfigError,
 )
 
-DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-
 
 def parse_duration(text: str) -> float:
-    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m or 1h")
-    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    try:
+        return duration_seconds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 class _Parser(argparse.ArgumentParser):

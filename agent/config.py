@@ -73,8 +73,16 @@ class FluxConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    credentials: str  # "kubeconfig" (a file) or "talos" (machined's admin kubeconfig)
     kubeconfig: Path | None
-    endpoints: tuple[str, ...] | None  # None: the kubeconfig's server, else the Talos endpoints
+    endpoints: tuple[str, ...] | None  # None: the kubeconfig's server, or the Talos endpoints
+
+
+@dataclass(frozen=True)
+class TalosConfig:
+    socket: str
+    bootstrap_etcd: bool
+    bootstrap_after_s: float  # how long the API may stay down before etcd bootstrap
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ class Config:
     site: SiteConfig
     record: RecordConfig
     lease: LeaseConfig
+    talos: TalosConfig
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -322,6 +331,7 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         site=_site(top.section("site")),
         record=_record(top.section("record")),
         lease=_lease(top.section("lease")),
+        talos=_talos(top.section("talos")),
     )
     top.raw("preset")
     top.close()
@@ -329,6 +339,12 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
 
 
 def _cluster(s: _Section) -> ClusterConfig:
+    credentials = s.text(
+        "credentials",
+        "kubeconfig",
+        re.compile(r"^(kubeconfig|talos)$"),
+        "use kubeconfig (a file) or talos (from machined, on a Talos node)",
+    )
     kubeconfig = s.raw("kubeconfig")
     if kubeconfig is not None and (not isinstance(kubeconfig, str) or not kubeconfig):
         s.fail("must be a file path", "kubeconfig")
@@ -341,7 +357,7 @@ def _cluster(s: _Section) -> ClusterConfig:
         if not endpoints:
             s.fail("must list at least one https://host:port URL", "endpoints")
     s.close()
-    return ClusterConfig(Path(kubeconfig) if kubeconfig else None, endpoints)
+    return ClusterConfig(credentials, Path(kubeconfig) if kubeconfig else None, endpoints)
 
 
 def _flux(s: _Section) -> FluxConfig:
@@ -542,3 +558,28 @@ def _lease(s: _Section) -> LeaseConfig:
     lease = LeaseConfig(s.text("name", "alga-bootstrap", DNS_SUBDOMAIN), duration)
     s.close()
     return lease
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a Go-style duration such as 90s, 1m30s or 2h; ValueError otherwise."""
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 30m or 1h")
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+def _talos(s: _Section) -> TalosConfig:
+    """The Talos node this runs on: machined's socket, and unattended etcd bootstrap."""
+    socket = s.text("socket", "/system/run/machined/machine.sock")
+    if not socket.startswith("/"):
+        s.fail(f"{socket!r} must be an absolute path", "socket")
+    talos = TalosConfig(
+        socket,
+        s.flag("bootstrapEtcd", False),
+        duration_seconds(s.duration("bootstrapAfter", "20s")),
+    )
+    s.close()
+    return talos

@@ -7,7 +7,9 @@ throttling, server errors and dropped connections.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import tenacity
 import urllib3
+import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -85,7 +88,7 @@ class _RetryAfterOrBackoff(tenacity.wait.wait_base):
     """Honour the server's Retry-After when it sends one; otherwise back off with jitter."""
 
     def __init__(self) -> None:
-        self.backoff = tenacity.wait_exponential_jitter(initial=0.2, max=5)
+        self.backoff = tenacity.wait_exponential_jitter(multiplier=0.2, max=5)
 
     def __call__(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -114,8 +117,6 @@ _retry = tenacity.retry(
 def load_kubeconfig(path: Path) -> k8s.Configuration:
     """Parse a kubeconfig file into client settings; a broken one is a config error."""
     try:
-        import yaml
-
         data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(
@@ -125,6 +126,40 @@ def load_kubeconfig(path: Path) -> k8s.Configuration:
     except Exception:
         raise ConfigError(f"{path}: kubeconfig is not valid YAML") from None
     return configuration_from_dict(data, str(path))
+
+
+def configuration_in_memory(kubeconfig: bytes, source: str) -> tuple[k8s.Configuration, str]:
+    """Client settings from a kubeconfig that must never touch a disk (machined's admin
+    kubeconfig): certificates and key go to anonymous in-memory files (memfd), open for the
+    life of the process. Returns the settings and the kubeconfig's own server."""
+    try:
+        data = yaml.safe_load(kubeconfig)
+        contexts = {c["name"]: c["context"] for c in data["contexts"]}
+        context = contexts[data.get("current-context") or next(iter(contexts))]
+        cluster = next(c["cluster"] for c in data["clusters"] if c["name"] == context["cluster"])
+        user = next(u["user"] for u in data["users"] if u["name"] == context["user"])
+        server = cluster["server"]
+    except (yaml.YAMLError, KeyError, TypeError, StopIteration, AttributeError):
+        raise BootstrapError(f"{source}: not a usable kubeconfig") from None
+    configuration = k8s.Configuration()
+    configuration.host = server
+    if cluster.get("certificate-authority-data"):
+        configuration.ssl_ca_cert = _memory_file("ca", cluster["certificate-authority-data"])
+    if user.get("client-certificate-data") and user.get("client-key-data"):
+        log.register_secret(base64.b64decode(user["client-key-data"]))
+        log.register_secret(user["client-key-data"])
+        configuration.cert_file = _memory_file("cert", user["client-certificate-data"])
+        configuration.key_file = _memory_file("key", user["client-key-data"])
+    if user.get("token"):
+        log.register_secret(user["token"])
+        configuration.api_key = {"authorization": f"Bearer {user['token']}"}
+    return configuration, server
+
+
+def _memory_file(name: str, base64_data: str) -> str:
+    fd = os.memfd_create(f"alga-bootstrap-{name}", os.MFD_CLOEXEC)
+    os.write(fd, base64.b64decode(base64_data))
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 def configuration_from_dict(data: Any, source: str) -> k8s.Configuration:

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from agent import bundle as flux_bundle
@@ -14,7 +15,7 @@ from agent import log
 from agent.context import RunContext
 from agent.converge import StepResult
 from agent.errors import BootstrapError, ConfigError
-from agent.kube import Kube, load_kubeconfig, tls_settings
+from agent.kube import Kube, configuration_in_memory, load_kubeconfig, tls_settings
 from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
 
@@ -43,20 +44,45 @@ def _now() -> str:
 
 
 def connect(config: config_module.Config, kubeconfig: Path | None, deadline: float) -> Kube:
-    """Credentials, then wait until an endpoint is ready; a client for that endpoint."""
-    kubeconfig_path = (
-        kubeconfig
-        or config.cluster.kubeconfig
-        or (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
-    )
-    if kubeconfig_path is None:
-        raise ConfigError(
-            f"{config.source}: cluster.kubeconfig: no credentials; pass "
-            "--kubeconfig PATH, set cluster.kubeconfig, or set KUBECONFIG"
+    """Credentials (a kubeconfig file, or machined's admin kubeconfig on a Talos node), then
+    wait until an endpoint is ready, bootstrapping etcd if configured and needed."""
+    machined = None
+    cluster_endpoint = None
+    if kubeconfig is None and config.cluster.credentials == "talos":
+        from agent import talos
+
+        machined = talos.Machined(config.talos.socket)
+        raw = machined.kubeconfig(deadline)
+        client_config, cluster_endpoint = configuration_in_memory(raw, "machined's kubeconfig")
+        endpoints = list(config.cluster.endpoints or config_module.TALOS_ENDPOINTS)
+    else:
+        path = (
+            kubeconfig
+            or config.cluster.kubeconfig
+            or (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
         )
-    client_config = load_kubeconfig(kubeconfig_path)
-    endpoints = list(config.cluster.endpoints or [client_config.host])
-    endpoint = wait_api.wait_for_api(endpoints, *tls_settings(client_config), deadline)
+        if path is None:
+            raise ConfigError(
+                f"{config.source}: cluster.kubeconfig: no credentials; pass "
+                "--kubeconfig PATH, set cluster.kubeconfig, or set KUBECONFIG"
+            )
+        client_config = load_kubeconfig(path)
+        endpoints = list(config.cluster.endpoints or [client_config.host])
+    verify, cert, headers = tls_settings(client_config)
+    when_slow = None
+    if config.talos.bootstrap_etcd and machined is not None:  # only on the node itself
+        from agent import talos
+
+        when_slow = partial(
+            talos.bootstrap_etcd_if_needed, machined, cluster_endpoint, endpoints, deadline
+        )
+    try:
+        endpoint = wait_api.wait_for_api(
+            endpoints, verify, cert, headers, deadline, when_slow, config.talos.bootstrap_after_s
+        )
+    finally:
+        if machined is not None:
+            machined.close()
     return Kube(client_config, endpoint)
 
 

@@ -134,6 +134,11 @@ class KubeSim:
         self.ca_pem = ca.cert_pem.bytes()
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert("127.0.0.1", "localhost", "::1").configure_cert(self.tls)
+        # Clients may also authenticate with a certificate this CA issued (as Talos's admin
+        # kubeconfig does); `client_cert_kubeconfig()` writes one.
+        ca.configure_trust(self.tls)
+        self.tls.verify_mode = ssl.CERT_OPTIONAL
+        self._client_cert = ca.issue_cert("admin", common_name="admin")
         self._server: _Server | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -206,6 +211,16 @@ class KubeSim:
                 {"name": "kubesim", "context": {"cluster": "kubesim", "user": "kubesim-admin"}}
             ],
         }
+
+    def client_cert_kubeconfig(self) -> dict[str, Any]:
+        """The same server, authenticating with a client certificate instead of the token."""
+        config = self.kubeconfig()
+        cert = self._client_cert
+        config["users"] = [{"name": "admin", "user": {
+            "client-certificate-data": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
+            "client-key-data": base64.b64encode(cert.private_key_pem.bytes()).decode()}}]
+        config["contexts"][0]["context"]["user"] = "admin"
+        return config
 
     def write_kubeconfig(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (
             path not in PUBLIC_PATHS
             and self.headers.get("Authorization") != f"Bearer {self.sim.token}"
+            and not self.connection.getpeercert()  # verified against the CA when present
         ):
             return self._error(ApiError(401, "Unauthorized", "Unauthorized"))
         try:

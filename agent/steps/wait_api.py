@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 import tenacity
@@ -21,7 +22,7 @@ class NotReady(Exception):
 
 class _BackoffOrRetryAfter(tenacity.wait.wait_base):
     def __init__(self) -> None:
-        self.backoff = tenacity.wait_exponential_jitter(initial=0.25, max=10)
+        self.backoff = tenacity.wait_exponential_jitter(multiplier=0.25, max=10)
 
     def __call__(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -36,10 +37,14 @@ def wait_for_api(
     cert: tuple[str, str] | None,
     headers: dict[str, str],
     deadline: float,
+    when_slow: Callable[[], None] | None = None,
+    slow_after_s: float = 0.0,
 ) -> str:
     """Probe each endpoint's /readyz in order until one says ok; return that endpoint.
-    Refused connections, TLS errors while the server starts, 5xx and 429 are expected."""
+    Refused connections, TLS errors while the server starts, 5xx and 429 are expected.
+    `when_slow` (etcd bootstrap) runs once if the API is still down after `slow_after_s`."""
     started = time.monotonic()
+    slow_handled = when_slow is None
     with httpx.Client(verify=verify, cert=cert, headers=headers, timeout=3.0) as client:
 
         def probe() -> str:
@@ -65,6 +70,11 @@ def wait_for_api(
             raise NotReady("; ".join(failures), retry_after)
 
         def progress(state: tenacity.RetryCallState) -> None:
+            nonlocal slow_handled
+            if not slow_handled and time.monotonic() - started >= slow_after_s:
+                slow_handled = True
+                assert when_slow is not None
+                when_slow()
             exc = state.outcome.exception() if state.outcome else None
             _log.info(
                 "API not ready yet",
