@@ -216,9 +216,17 @@ class KubeSim:
         """The same server, authenticating with a client certificate instead of the token."""
         config = self.kubeconfig()
         cert = self._client_cert
-        config["users"] = [{"name": "admin", "user": {
-            "client-certificate-data": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
-            "client-key-data": base64.b64encode(cert.private_key_pem.bytes()).decode()}}]
+        config["users"] = [
+            {
+                "name": "admin",
+                "user": {
+                    "client-certificate-data": base64.b64encode(
+                        cert.cert_chain_pems[0].bytes()
+                    ).decode(),
+                    "client-key-data": base64.b64encode(cert.private_key_pem.bytes()).decode(),
+                },
+            }
+        ]
         config["contexts"][0]["context"]["user"] = "admin"
         return config
 
