@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--flux-manifests", type=Path, help="the bundled Flux to compare with")
     status.add_argument("--output", "-o", choices=["text", "json"], default="text")
 
+    images = sub.add_parser(
+        "images",
+        help="list the container images the first boot needs, one per line (for "
+        "`talosctl images cache-create --images=-`)",
+    )
+    images.add_argument("--config", type=Path, help=config_help)
+
     sub.add_parser("version", help="print the agent version and the Flux version it pins")
     return parser
 
@@ -144,19 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "version":
-        from agent import bundle as flux_bundle
-        from agent import config as config_module
-
-        try:
-            pinned = config_module.load(None).flux
-            flux = f" (config pins the Flux bundle sha256 {pinned.sha256[:12]}"
-            flux += f", Flux {flux_bundle.load(pinned.manifests, pinned.sha256).version})"
-        except ConfigError:
-            flux = flux + ", bundle not readable)" if flux else ""
-        print(f"alga-bootstrap {__version__}{flux}")
+        print(f"alga-bootstrap {__version__}{_pinned_flux()}")
         return EXIT_OK
     if args.command == "validate":
         return _validate(args)
+    if args.command == "images":
+        from agent import config as config_module
+        from agent.image_list import first_boot_images
+
+        print("\n".join(first_boot_images(config_module.load(args.config))))
+        return EXIT_OK
     if args.command == "status":
         from agent import status
 
@@ -188,6 +192,22 @@ def _print_plan(results: list[Any]) -> None:
     for result in results:
         for line in result.changes:
             print(f"  [{result.name}] {line}")
+
+
+def _pinned_flux() -> str:
+    """What the default config pins, for `version`; never an error."""
+    from agent import bundle as flux_bundle
+    from agent import config as config_module
+
+    try:
+        pinned = config_module.load(None).flux
+    except ConfigError:
+        return ""
+    try:
+        version = flux_bundle.load(pinned.manifests, pinned.sha256).version
+    except ConfigError:
+        version = "bundle not readable here"
+    return f" (Flux {version}, bundle sha256 {pinned.sha256[:12]})"
 
 
 def _validate(args: argparse.Namespace) -> int:

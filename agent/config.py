@@ -273,7 +273,10 @@ def load(path: Path | None) -> Config:
             path = DEFAULT_CONFIG_PATH
         else:
             return parse({"preset": DEFAULT_PRESET}, f"preset {DEFAULT_PRESET}", PRESET_DIR)
-    return parse(_read_yaml(path), str(path), path.parent.resolve())
+    data = _read_yaml(path)
+    if not data:  # an empty file (Talos's mount point, say) means the default
+        data = {"preset": DEFAULT_PRESET}
+    return parse(data, str(path), path.parent.resolve())
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
