@@ -47,18 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
         "the built-in Alga preset)"
     )
 
-    run = sub.add_parser(
-        "run",
-        help="bootstrap the cluster (what the boot service runs)",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.add_argument("--config", type=Path, help=config_help)
-    run.add_argument(
-        "--kubeconfig",
-        type=Path,
-        help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)",
-    )
+    def command(name: str, help_text: str, cluster: bool = False) -> argparse.ArgumentParser:
+        """A subcommand with --config, and --kubeconfig if it talks to a cluster."""
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_argument("--config", type=Path, help=config_help)
+        if cluster:
+            cmd.add_argument(
+                "--kubeconfig",
+                type=Path,
+                help="kubeconfig file (default: "
+                "cluster credentials from the config, else $KUBECONFIG)",
+            )
+        return cmd
+
+    run = command("run", "bootstrap the cluster (what the boot service runs)", cluster=True)
     run.add_argument(
         "--flux-manifests",
         type=Path,
@@ -89,36 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: console on a terminal, JSON lines otherwise",
     )
 
-    validate = sub.add_parser(
-        "validate",
-        help="check a config and the files it names, without a cluster",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    validate.add_argument("--config", type=Path, help=config_help)
+    validate = command("validate", "check a config and the files it names, without a cluster")
     validate.add_argument("--flux-manifests", type=Path, help="check this bundle instead")
 
-    status = sub.add_parser(
-        "status",
-        help="where the bootstrap and Flux stand (reads only)",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    status.add_argument("--config", type=Path, help=config_help)
-    status.add_argument(
-        "--kubeconfig",
-        type=Path,
-        help="kubeconfig file (default: cluster.kubeconfig, else $KUBECONFIG)",
-    )
+    status = command("status", "where the bootstrap and Flux stand (reads only)", cluster=True)
     status.add_argument("--flux-manifests", type=Path, help="the bundled Flux to compare with")
     status.add_argument("--output", "-o", choices=["text", "json"], default="text")
 
-    images = sub.add_parser(
+    command(
         "images",
-        help="list the container images the first boot needs, one per line (for "
+        "list the container images the first boot needs, one per line (for "
         "`talosctl images cache-create --images=-`)",
     )
-    images.add_argument("--config", type=Path, help=config_help)
 
     sub.add_parser("version", help="print the agent version and the Flux version it pins")
     return parser

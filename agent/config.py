@@ -302,11 +302,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Maps merged key by key; anything else in `overlay` replaces what `base` had."""
     out = dict(base)
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -321,7 +322,7 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 f"{source}: preset: unknown preset {preset_name!r}; choose one of: {names}"
             )
         preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
-        data = _merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
+        data = deep_merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
     from agent import appliance  # appliance presets expand their own section into site objects
 
     data = appliance.expand(data, source, base_dir)

@@ -16,7 +16,7 @@ from agent.kube import ApiError, Kube
 
 Obj = dict[str, Any]
 T = TypeVar("T")
-PARALLEL_REQUESTS = 8
+PARALLEL_REQUESTS = 16
 FAST_POLL_S = 5.0
 PROGRESS_EVERY_S = 10.0
 
@@ -115,7 +115,7 @@ def wait_until(
     what: str, check: Callable[[], T | None], deadline: float, log: Any, interval: float = 1.0
 ) -> T:
     """Poll `check` until it returns something, or fail when the run's deadline passes.
-    Polls every 0.1 s for the first seconds (most waits are short), then every `interval`."""
+    Polls every 0.05 s for the first seconds (most waits are short), then every `interval`."""
     started = time.monotonic()
 
     last_note = started
@@ -132,7 +132,7 @@ def wait_until(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda result: result is None),
-        wait=lambda _: 0.1 if time.monotonic() - started < FAST_POLL_S else interval,
+        wait=lambda _: 0.05 if time.monotonic() - started < FAST_POLL_S else interval,
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
         retry_error_callback=lambda _: None,

@@ -183,7 +183,7 @@ class Kube:
         if host:
             configuration.host = host
         configuration.retries = False  # tenacity does all retrying
-        configuration.connection_pool_maxsize = 8
+        configuration.connection_pool_maxsize = 16
         self.host = configuration.host
         self.kinds = dict(BUILTIN_KINDS)
         self.dry_run = False

@@ -54,6 +54,7 @@ class RunLease:
         self.deadline_in_s = deadline_in_s
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.held = False
+        self._live: Obj | None = None  # the lease as last written by this run
         self.stale = False  # this pass read the cluster before waiting for another run
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -62,12 +63,29 @@ class RunLease:
         """The Kube client's write hook: hold the lease before the first write."""
         with self._lock:
             if not self.held:
-                waited_for = self._acquire()
-                self.held = True
-                self.stale = bool(waited_for)
-                threading.Thread(target=self._renew, name="lease-renew", daemon=True).start()
+                self._take()
             if self.stale:
                 raise LeaseWaited(self.identity)
+
+    def take_early(self) -> None:
+        """Start taking the lease now, in the background, for a run that will write: the
+        reads before its first write overlap the lease's own requests."""
+
+        def take() -> None:
+            with self._lock:
+                if not self.held:
+                    try:
+                        self._take()
+                    except BootstrapError as err:  # the first write tries again and reports
+                        _log.warning("could not take the lease yet", error=str(err))
+
+        threading.Thread(target=take, name="lease-take", daemon=True).start()
+
+    def _take(self) -> None:
+        waited_for = self._acquire()
+        self.held = True
+        self.stale = bool(waited_for)
+        threading.Thread(target=self._renew, name="lease-renew", daemon=True).start()
 
     def _lease(self, live: Obj | None, transitions: int) -> Obj:
         now = _format(_now())
@@ -91,6 +109,22 @@ class RunLease:
             obj["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
         return obj
 
+    def _create(self) -> bool:
+        """Create the lease as ours (and its namespace on a first boot); False if it exists."""
+        try:
+            created = self.kube.create(self._lease(None, 0), guarded=False)
+        except ApiError as err:
+            if err.status != 404:  # 404: the namespace is not there yet
+                raise
+            self.kube.create(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
+                guarded=False,
+            )
+            created = self.kube.create(self._lease(None, 0), guarded=False)
+        if created is not None:
+            self._live = created
+        return created is not None
+
     def _acquire(self) -> str | None:
         """Take the lease, waiting while another live run holds it. Returns the holder it
         waited for, if any."""
@@ -98,14 +132,11 @@ class RunLease:
 
         def attempt() -> bool:
             nonlocal waited_for
-            if self.kube.get("v1", "Namespace", self.namespace) is None:
-                self.kube.create(
-                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
-                    guarded=False,
-                )
+            if self._create():
+                return True
             live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
             if live is None:
-                return self.kube.create(self._lease(None, 0), guarded=False) is not None
+                return False  # released and gone meanwhile; look again
             spec = live.get("spec", {})
             holder = spec.get("holderIdentity")
             renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
@@ -129,7 +160,7 @@ class RunLease:
                 )
                 waited_for = waited_for or holder
             try:
-                self.kube.replace(
+                self._live = self.kube.replace(
                     self._lease(live, spec.get("leaseTransitions", 0) + 1), guarded=False
                 )
             except ApiError as err:
@@ -154,28 +185,32 @@ class RunLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(max(self.duration_s / 3, 0.5)):
-            try:
-                live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
-                if live is None or live.get("spec", {}).get("holderIdentity") != self.identity:
-                    _log.warning("lost the lease", lease=f"{self.namespace}/{self.name}")
+            with self._lock:
+                if not self.held or self._live is None:
                     return
-                live["spec"]["renewTime"] = _format(_now())
-                self.kube.replace(live, guarded=False)
-            except BootstrapError as err:
-                _log.warning("could not renew the lease", error=str(err))
+                lease = self._live
+                lease["spec"]["renewTime"] = _format(_now())
+                try:
+                    self._live = self.kube.replace(lease, guarded=False)
+                except ApiError as err:
+                    if err.status == 409:  # changed by someone else: not ours any more
+                        _log.warning("lost the lease", lease=f"{self.namespace}/{self.name}")
+                        return
+                    _log.warning("could not renew the lease", error=str(err))
+                except BootstrapError as err:
+                    _log.warning("could not renew the lease", error=str(err))
 
     def release(self) -> None:
         """Hand the lease back (it is never deleted: the agent deletes nothing)."""
         self._stop.set()
         with self._lock:
-            if not self.held:
+            if not self.held or self._live is None:
                 return
             self.held = False
+            lease = self._live
+        lease["spec"].pop("holderIdentity", None)
+        lease["spec"]["leaseDurationSeconds"] = 1
         try:
-            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
-            if live is not None and live.get("spec", {}).get("holderIdentity") == self.identity:
-                live["spec"].pop("holderIdentity", None)
-                live["spec"]["leaseDurationSeconds"] = 1
-                self.kube.replace(live, guarded=False)
+            self.kube.replace(lease, guarded=False)  # 409: someone took it over meanwhile
         except BootstrapError as err:
             _log.warning("could not release the lease; it expires by itself", error=str(err))

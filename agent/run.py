@@ -115,14 +115,14 @@ def run(options: RunOptions) -> list[StepResult]:
     digest = record.inputs_digest(config, bundle)
     try:
         try:
-            previous, results, error = _steps(ctx, digest)
+            previous, results, error = _steps(ctx, digest, lease)
         except LeaseWaited:
             # Another run held the lease: what this one read may be stale. Look again, now
             # holding the lease; usually the other run did everything.
             assert lease is not None
             lease.stale = False
             _log.info("the other run finished; checking again")
-            previous, results, error = _steps(ctx, digest)
+            previous, results, error = _steps(ctx, digest, lease)
         if options.dry_run:
             if error is not None:
                 raise error
@@ -159,7 +159,7 @@ def run(options: RunOptions) -> list[StepResult]:
 
 
 def _steps(
-    ctx: RunContext, digest: str
+    ctx: RunContext, digest: str, lease: RunLease | None
 ) -> tuple[dict[str, object] | None, list[StepResult], BootstrapError | None]:
     """Run every step in order; stop at the first failure, and say which step it was."""
     previous = record.load(ctx.kube, ctx.config)
@@ -169,6 +169,8 @@ def _steps(
         and previous.get("result") == "succeeded"
         and previous.get("inputsDigest") == digest
     )
+    if lease is not None and not ctx.trust_previous:
+        lease.take_early()  # this run will most likely write
     results: list[StepResult] = []
     for name, step in STEPS:
         try:

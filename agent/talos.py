@@ -82,6 +82,28 @@ class Machined:
     def close(self) -> None:
         self._channel.close()
 
+    def _retrying(
+        self, codes: set[Any], waiting_event: str, deadline: float, max_wait: float
+    ) -> tenacity.Retrying:
+        """Retry calls failing with one of `codes` until the deadline, logging each wait."""
+
+        def waiting(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            _log.info(
+                waiting_event,
+                socket=self.socket_path,
+                attempt=state.attempt_number,
+                detail=getattr(exc, "details", str)(),
+            )
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda err: self._code(err) in codes),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.25, max=max_wait),
+            stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
+            before_sleep=waiting,
+            reraise=True,
+        )
+
     def _code(self, err: BaseException) -> Any:
         return err.code() if isinstance(err, self._grpc.RpcError) else None
 
@@ -96,28 +118,12 @@ class Machined:
         def fetch() -> bytes:
             return b"".join(call(None, metadata=ROLE_METADATA, timeout=10))
 
-        def retryable(err: BaseException) -> bool:
-            return self._code(err) in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-
-        def waiting(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            _log.info(
-                "machined not ready yet",
-                socket=self.socket_path,
-                attempt=state.attempt_number,
-                detail=getattr(exc, "details", str)(),
-            )
-
         try:
-            archive = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(retryable),
-                wait=tenacity.wait_exponential_jitter(multiplier=0.25, max=5),
-                stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
-                before_sleep=waiting,
-                reraise=True,
+            archive: bytes = self._retrying(
+                {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED},
+                "machined not ready yet",
+                deadline,
+                max_wait=5,
             )(fetch)
         except grpc.RpcError as err:
             code, details = self._code(err), err.details()
@@ -160,28 +166,14 @@ class Machined:
             _log.info("etcd bootstrap requested")
             return "bootstrapped"
 
-        def retryable(err: BaseException) -> bool:
-            return self._code(err) in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-
-        def waiting(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            _log.info(
-                "etcd bootstrap not possible yet; retrying",
-                attempt=state.attempt_number,
-                detail=getattr(exc, "details", str)(),
-            )
-
+        retryable = {
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        }
         try:
-            result: str = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(retryable),
-                wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=10),
-                stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
-                before_sleep=waiting,
-                reraise=True,
+            result: str = self._retrying(
+                retryable, "etcd bootstrap not possible yet; retrying", deadline, max_wait=10
             )(attempt)
         except grpc.RpcError as err:
             raise BootstrapError(f"etcd bootstrap failed: {err.details()}") from None

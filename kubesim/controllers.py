@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubesim.store import ApiError, Store, now
+from kubesim.store import ApiError, Store, condition, now
 
 SOURCE = ("source.toolkit.fluxcd.io", "gitrepositories")
 KUSTOMIZE = ("kustomize.toolkit.fluxcd.io", "kustomizations")
@@ -96,13 +96,13 @@ class Controllers:
                 "readyReplicas": replicas,
                 "availableReplicas": replicas,
                 "conditions": [
-                    _cond(
+                    condition(
                         "Available",
                         "True",
                         "MinimumReplicasAvailable",
                         "Deployment has minimum availability.",
                     ),
-                    _cond(
+                    condition(
                         "Progressing",
                         "True",
                         "NewReplicaSetAvailable",
@@ -129,11 +129,13 @@ class Controllers:
         failure = self.source_failures.get(spec.get("url", ""))
         if failure:
             new["conditions"] = [
-                _cond("Ready", "False", failure.reason, failure.message),
-                _cond("FetchFailed", "True", failure.reason, failure.message),
+                condition("Ready", "False", failure.reason, failure.message),
+                condition("FetchFailed", "True", failure.reason, failure.message),
             ]
             if failure.stalled:
-                new["conditions"].append(_cond("Stalled", "True", failure.reason, failure.message))
+                new["conditions"].append(
+                    condition("Stalled", "True", failure.reason, failure.message)
+                )
         else:
             revision = git_revision(spec)
             path = (
@@ -149,8 +151,8 @@ class Controllers:
             }
             message = f"stored artifact for revision '{revision}'"
             new["conditions"] = [
-                _cond("Ready", "True", "Succeeded", message),
-                _cond("ArtifactInStorage", "True", "Succeeded", message),
+                condition("Ready", "True", "Succeeded", message),
+                condition("ArtifactInStorage", "True", "Succeeded", message),
             ]
         self._set_status(repo, new, "source-controller")
 
@@ -175,16 +177,20 @@ class Controllers:
         failure = self.kustomization_failures.get(meta["name"])
         if not revision:
             message = f"Source artifact not found, retrying in {spec.get('retryInterval', '30s')}"
-            new["conditions"] = [_cond("Ready", "False", "ArtifactFailed", message)]
+            new["conditions"] = [condition("Ready", "False", "ArtifactFailed", message)]
         elif failure:
             new["lastAttemptedRevision"] = revision
-            new["conditions"] = [_cond("Ready", "False", failure.reason, failure.message)]
+            new["conditions"] = [condition("Ready", "False", failure.reason, failure.message)]
             if failure.stalled:
-                new["conditions"].append(_cond("Stalled", "True", failure.reason, failure.message))
+                new["conditions"].append(
+                    condition("Stalled", "True", failure.reason, failure.message)
+                )
         else:
             new["lastAttemptedRevision"] = new["lastAppliedRevision"] = revision
             new["conditions"] = [
-                _cond("Ready", "True", "ReconciliationSucceeded", f"Applied revision: {revision}")
+                condition(
+                    "Ready", "True", "ReconciliationSucceeded", f"Applied revision: {revision}"
+                )
             ]
         self._set_status(ks, new, "kustomize-controller")
 
@@ -203,13 +209,3 @@ def git_revision(spec: dict[str, Any]) -> str:
         return f"sha1:{ref['commit']}"
     name = ref.get("branch") or ref.get("tag") or ref.get("semver") or ref.get("name") or "HEAD"
     return f"{name}@sha1:{digest}"
-
-
-def _cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "type": kind,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now(),
-    }

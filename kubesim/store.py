@@ -254,7 +254,7 @@ class Store:
                     v["name"] for v in obj["spec"].get("versions", []) if v.get("storage")
                 ],
                 "conditions": [
-                    _condition("NamesAccepted", "True", "NoConflicts", "no conflicts found")
+                    condition("NamesAccepted", "True", "NoConflicts", "no conflicts found")
                 ],
             }
 
@@ -501,7 +501,7 @@ class Store:
             status = copy.deepcopy(live.get("status", {}))
             conditions = [c for c in status.get("conditions", []) if c["type"] != "Established"]
             conditions.append(
-                _condition(
+                condition(
                     "Established",
                     "True",
                     "InitialNamesAccepted",
@@ -563,7 +563,7 @@ def _strip_status(config: Obj, t: ResourceType) -> Obj:
     return {k: v for k, v in config.items() if not (k == "status" and t.has_status)}
 
 
-def _condition(kind: str, status: str, reason: str, message: str) -> Obj:
+def condition(kind: str, status: str, reason: str, message: str) -> Obj:
     return {
         "type": kind,
         "status": status,

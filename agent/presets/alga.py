@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from agent.config import deep_merge
 from agent.errors import ConfigError
 
 PROFILE = "talos-single-node"
@@ -270,16 +271,6 @@ def _values_dir(alga: dict[str, Any], source: str, base_dir: Path) -> Path:
     return path
 
 
-def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def values_config_maps(
     values_dir: Path, site_values: dict[str, dict[str, Any]], source: str
 ) -> list[dict[str, Any]]:
@@ -295,7 +286,7 @@ def values_config_maps(
             raise _fail(source, "valuesDir", f"cannot read {str(file)!r}: {err}") from None
         if not isinstance(values, dict):
             raise _fail(source, "valuesDir", f"{str(file)!r} must hold a YAML mapping")
-        merged = _deep_merge(values, site_values.get(component, {}))
+        merged = deep_merge(values, site_values.get(component, {}))
         out.append(
             {
                 "namespace": VALUES_NAMESPACE,

@@ -8,7 +8,14 @@ from typing import Any
 
 from agent import desired, log
 from agent.context import RunContext
-from agent.converge import StepResult, condition, is_true, observed_current, wait_until
+from agent.converge import (
+    StepResult,
+    condition,
+    is_true,
+    observed_current,
+    parallel,
+    wait_until,
+)
 from agent.errors import BootstrapError
 
 _log = log.get("verify")
@@ -82,7 +89,7 @@ def verify(ctx: RunContext) -> StepResult:
         if len(first_look) == 2:
             repo, ks = first_look
         else:
-            repo, ks = ctx.kube.get_like(repo_ref), ctx.kube.get_like(ks_ref)
+            repo, ks = parallel(ctx.kube.get_like, [repo_ref, ks_ref])
         first_look = []
         revision = source_revision(repo)
         if revision is None or not attempted(ks, revision):
