@@ -112,50 +112,58 @@ def run(options: RunOptions) -> list[StepResult]:
         )
         kube.before_write = lease.before_write
     ctx = RunContext(config, bundle, kube, deadline, force=options.force, dry_run=options.dry_run)
-    digest = record.inputs_digest(config, bundle)
     try:
         try:
-            previous, results, error = _steps(ctx, digest, lease)
+            return _pass(ctx, lease, started_at, started)
         except LeaseWaited:
             # Another run held the lease: what this one read may be stale. Look again, now
             # holding the lease; usually the other run did everything.
             assert lease is not None
             lease.stale = False
             _log.info("the other run finished; checking again")
-            previous, results, error = _steps(ctx, digest, lease)
-        if options.dry_run:
-            if error is not None:
-                raise error
-            return results
-        changed = any(r.changes for r in results)
-        revision = next((r.note for r in results if r.name == "verify" and r.note), None)
-        entry = record.build(
-            config,
-            bundle,
-            digest,
-            started_at,
-            _now(),
-            time.monotonic() - started,
-            results,
-            str(error) if error else None,
-            revision,
-        )
-        if error is not None:
-            entry["steps"][-1]["outcome"] = "failed"
-            _record_best_effort(kube, config, entry, previous, changed)
-            raise error
-        record.save(kube, config, entry, previous, changed)
-        _log.info(
-            "done" if changed else "nothing to do",
-            revision=revision,
-            changes=sum(len(r.changes) for r in results),
-            seconds=round(time.monotonic() - started, 2),
-        )
-        return results
+            return _pass(ctx, lease, started_at, started)
     finally:
         if lease is not None:
             lease.release()
         kube.close()
+
+
+def _pass(
+    ctx: RunContext, lease: RunLease | None, started_at: str, started: float
+) -> list[StepResult]:
+    """One look at the cluster: the steps, then the record."""
+    config, bundle, kube = ctx.config, ctx.bundle, ctx.kube
+    digest = record.inputs_digest(config, bundle)
+    previous, results, error = _steps(ctx, digest, lease)
+    if ctx.dry_run:
+        if error is not None:
+            raise error
+        return results
+    changed = any(r.changes for r in results)
+    revision = next((r.note for r in results if r.name == "verify" and r.note), None)
+    entry = record.build(
+        config,
+        bundle,
+        digest,
+        started_at,
+        _now(),
+        time.monotonic() - started,
+        results,
+        str(error) if error else None,
+        revision,
+    )
+    if error is not None:
+        entry["steps"][-1]["outcome"] = "failed"
+        _record_best_effort(kube, config, entry, previous, changed)
+        raise error
+    record.save(kube, config, entry, previous, changed)
+    _log.info(
+        "done" if changed else "nothing to do",
+        revision=revision,
+        changes=sum(len(r.changes) for r in results),
+        seconds=round(time.monotonic() - started, 2),
+    )
+    return results
 
 
 def _steps(

@@ -450,10 +450,10 @@ def test_refuses_connections_then_comes_up(kubesim_factory: Any) -> None:
 
 
 def test_readyz_unavailable_for_a_while(kubesim_factory: Any) -> None:
-    sim = kubesim_factory(readyz_unavailable_seconds=0.5)
+    sim = kubesim_factory(readyz_unavailable_seconds=1.0)
     with client(sim) as c:
         assert c.get("/readyz").status_code == 503
-        time.sleep(0.6)
+        time.sleep(1.2)
         assert c.get("/readyz").status_code == 200
 
 
