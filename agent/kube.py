@@ -8,6 +8,7 @@ throttling, server errors and dropped connections.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -179,7 +180,7 @@ class Kube:
     """The agent's only way to talk to the cluster."""
 
     def __init__(self, configuration: k8s.Configuration, host: str | None = None) -> None:
-        configuration = _copy(configuration)
+        configuration = copy.copy(configuration)  # the caller's settings stay as they were
         if host:
             configuration.host = host
         configuration.retries = False  # tenacity does all retrying
@@ -335,12 +336,6 @@ class Kube:
             "PATCH", self.path_of(obj), [], patch, "application/merge-patch+json"
         )
         return result
-
-
-def _copy(configuration: k8s.Configuration) -> k8s.Configuration:
-    import copy
-
-    return copy.copy(configuration)
 
 
 def tls_settings(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import re
@@ -130,6 +131,7 @@ class KubeSim:
         self._tmp = tempfile.TemporaryDirectory(prefix="kubesim-")
         self.kubeconfig_path = Path(kubeconfig_out or Path(self._tmp.name) / "kubeconfig")
         self.stopping = threading.Event()
+        self._serving = threading.Event()
         ca = trustme.CA()
         self.ca_pem = ca.cert_pem.bytes()
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -160,6 +162,7 @@ class KubeSim:
                 if self.stopping.wait(self.refuse_seconds):
                     return
                 server.server_activate()
+            self._serving.set()
             server.serve_forever(poll_interval=0.1)
 
         if not self.refuse_seconds:
@@ -172,19 +175,12 @@ class KubeSim:
         self.stopping.set()
         self.controllers.stop()
         if self._server is not None:
-            if not self.refuse_seconds or self._server.socket.fileno() >= 0:
-                self._server.shutdown() if self._activated() else None
+            if self._serving.is_set():
+                self._server.shutdown()  # returns once serve_forever has stopped
             self._server.server_close()
         if self._log_file:
             self._log_file.close()
         self._tmp.cleanup()
-
-    def _activated(self) -> bool:
-        assert self._server is not None
-        try:
-            return bool(self._server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        except OSError:
-            return False
 
     def __enter__(self) -> KubeSim:
         return self.start()
@@ -653,8 +649,6 @@ def _json_path(obj: dict[str, Any], path: str) -> str:
 
 
 def _age(timestamp: str) -> str:
-    import datetime as dt
-
     if not timestamp:
         return ""
     created = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)

@@ -6,6 +6,7 @@ import base64
 import copy
 import datetime as dt
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -534,8 +535,6 @@ class Store:
         deadline: float,
         stopped: Callable[[], bool],
     ) -> Iterator[tuple[str, Obj]]:
-        import time
-
         cursor = since
         while not stopped():
             batch: list[tuple[str, Obj]] = []
