@@ -145,6 +145,19 @@ def test_agent_image_and_size_budget(built: Path) -> None:
     assert config["config"]["Cmd"] == ["run"]
 
 
+def test_an_independent_client_reads_both_archives(built: Path) -> None:
+    summary = json.loads((built / "images.json").read_text())
+    for name in ("alga-bootstrap", "alga-bootstrap-extension"):
+        inspected = subprocess.run(
+            ["skopeo", "inspect", f"oci-archive:{built}/{name}.oci.tar"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert inspected.returncode == 0, inspected.stderr
+        assert json.loads(inspected.stdout)["Digest"] == summary[name]["digest"]
+
+
 def test_same_inputs_give_the_same_digests(built: Path, tmp_path: Path) -> None:
     first = json.loads((built / "images.json").read_text())
     again = build(tmp_path / "again")
