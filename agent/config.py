@@ -323,9 +323,10 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             )
         preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
         data = deep_merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
-    from agent import appliance  # appliance presets expand their own section into site objects
+    if "alga" in data:  # the Alga appliance's section becomes general site and sync settings
+        from agent.presets import alga
 
-    data = appliance.expand(data, source, base_dir)
+        data = alga.expand(data, source, base_dir)
     top = _Section(data, "", source, base_dir)
     config = Config(
         source=source,

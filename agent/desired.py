@@ -5,7 +5,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from agent.config import CreateOnceConfigMap, GeneratedSecret, NamespaceSpec, SyncConfig
+from agent.config import (
+    Config,
+    CreateOnceConfigMap,
+    GeneratedSecret,
+    NamespaceSpec,
+    SyncConfig,
+)
 
 Obj = dict[str, Any]
 MANAGED_BY = {"app.kubernetes.io/managed-by": "alga-bootstrap"}
@@ -20,6 +26,24 @@ def _meta(name: str, namespace: str = "", labels: dict[str, str] | None = None) 
 
 def namespace(spec: NamespaceSpec) -> Obj:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(spec.name, "", spec.labels)}
+
+
+def site_namespaces(config: Config) -> list[Obj]:
+    """The site's namespaces, plus the one the run record (and Lease) live in."""
+    specs = list(config.site.namespaces)
+    if config.record.namespace not in {n.name for n in specs}:
+        specs.append(NamespaceSpec(config.record.namespace))
+    return [namespace(spec) for spec in specs]
+
+
+def site_objects(config: Config) -> list[tuple[str, str, str, str]]:
+    """(apiVersion, kind, namespace, name) of every first-boot object that must exist:
+    namespaces, generated secrets, create-once ConfigMaps, prerequisite markers."""
+    out = [("v1", "Namespace", "", ns["metadata"]["name"]) for ns in site_namespaces(config)]
+    out += [("v1", "Secret", s.namespace, s.name) for s in config.site.secrets]
+    out += [("v1", "ConfigMap", c.namespace, c.name) for c in config.site.config_maps]
+    out += [m.skip_if_exists for m in config.site.manifests if m.skip_if_exists]
+    return out
 
 
 def secret(namespace_name: str, name: str, values: dict[str, bytes]) -> Obj:

@@ -53,9 +53,10 @@ class RunLease:
         self.duration_s = duration_s
         self.deadline_in_s = deadline_in_s
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started = _now()  # reads from here on may be stale if another run writes
         self.held = False
         self._live: Obj | None = None  # the lease as last written by this run
-        self.stale = False  # this pass read the cluster before waiting for another run
+        self.stale = False  # another run wrote while this pass was reading: look again
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -67,24 +68,9 @@ class RunLease:
             if self.stale:
                 raise LeaseWaited(self.identity)
 
-    def take_early(self) -> None:
-        """Start taking the lease now, in the background, for a run that will write: the
-        reads before its first write overlap the lease's own requests."""
-
-        def take() -> None:
-            with self._lock:
-                if not self.held:
-                    try:
-                        self._take()
-                    except BootstrapError as err:  # the first write tries again and reports
-                        _log.warning("could not take the lease yet", error=str(err))
-
-        threading.Thread(target=take, name="lease-take", daemon=True).start()
-
     def _take(self) -> None:
-        waited_for = self._acquire()
+        self.stale = self._acquire()
         self.held = True
-        self.stale = bool(waited_for)
         threading.Thread(target=self._renew, name="lease-renew", daemon=True).start()
 
     def _lease(self, live: Obj | None, transitions: int) -> Obj:
@@ -125,13 +111,14 @@ class RunLease:
             self._live = created
         return created is not None
 
-    def _acquire(self) -> str | None:
-        """Take the lease, waiting while another live run holds it. Returns the holder it
-        waited for, if any."""
+    def _acquire(self) -> bool:
+        """Take the lease, waiting while another live run holds it. True when another run
+        held it at any time since this run started: what this run read may be stale."""
         waited_for: str | None = None
+        others_active = False
 
         def attempt() -> bool:
-            nonlocal waited_for
+            nonlocal waited_for, others_active
             if self._create():
                 return True
             live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
@@ -142,6 +129,9 @@ class RunLease:
             renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
             duration = spec.get("leaseDurationSeconds", self.duration_s)
             expired = renewed is None or (_now() - renewed).total_seconds() > duration
+            # Held, renewed or released (a release stamps renewTime) since this run started.
+            if renewed is not None and renewed >= self.started and holder != self.identity:
+                others_active = True
             if holder and holder != self.identity and not expired:
                 if waited_for != holder:
                     _log.info(
@@ -181,7 +171,7 @@ class RunLease:
                 f"(holder {waited_for}) past the deadline; re-run later"
             )
         _log.info("lease acquired", lease=f"{self.namespace}/{self.name}", identity=self.identity)
-        return waited_for
+        return others_active or waited_for is not None
 
     def _renew(self) -> None:
         while not self._stop.wait(max(self.duration_s / 3, 0.5)):
@@ -210,6 +200,7 @@ class RunLease:
             lease = self._live
         lease["spec"].pop("holderIdentity", None)
         lease["spec"]["leaseDurationSeconds"] = 1
+        lease["spec"]["renewTime"] = _format(_now())  # when this run stopped writing
         try:
             self.kube.replace(lease, guarded=False)  # 409: someone took it over meanwhile
         except BootstrapError as err:

@@ -114,27 +114,25 @@ def run(options: RunOptions) -> list[StepResult]:
     ctx = RunContext(config, bundle, kube, deadline, force=options.force, dry_run=options.dry_run)
     try:
         try:
-            return _pass(ctx, lease, started_at, started)
+            return _pass(ctx, started_at, started)
         except LeaseWaited:
             # Another run held the lease: what this one read may be stale. Look again, now
             # holding the lease; usually the other run did everything.
             assert lease is not None
             lease.stale = False
             _log.info("the other run finished; checking again")
-            return _pass(ctx, lease, started_at, started)
+            return _pass(ctx, started_at, started)
     finally:
         if lease is not None:
             lease.release()
         kube.close()
 
 
-def _pass(
-    ctx: RunContext, lease: RunLease | None, started_at: str, started: float
-) -> list[StepResult]:
+def _pass(ctx: RunContext, started_at: str, started: float) -> list[StepResult]:
     """One look at the cluster: the steps, then the record."""
     config, bundle, kube = ctx.config, ctx.bundle, ctx.kube
     digest = record.inputs_digest(config, bundle)
-    previous, results, error = _steps(ctx, digest, lease)
+    previous, results, error = _steps(ctx, digest)
     if ctx.dry_run:
         if error is not None:
             raise error
@@ -167,7 +165,7 @@ def _pass(
 
 
 def _steps(
-    ctx: RunContext, digest: str, lease: RunLease | None
+    ctx: RunContext, digest: str
 ) -> tuple[dict[str, object] | None, list[StepResult], BootstrapError | None]:
     """Run every step in order; stop at the first failure, and say which step it was."""
     previous = record.load(ctx.kube, ctx.config)
@@ -177,8 +175,6 @@ def _steps(
         and previous.get("result") == "succeeded"
         and previous.get("inputsDigest") == digest
     )
-    if lease is not None and not ctx.trust_previous:
-        lease.take_early()  # this run will most likely write
     results: list[StepResult] = []
     for name, step in STEPS:
         try:

@@ -16,7 +16,8 @@ from agent.converge import condition, observed_current
 from agent.errors import EXIT_FAILED, EXIT_OK, EXIT_PROGRESSING, BootstrapError, ConfigError
 from agent.kube import Kind, Kube
 from agent.run import connect
-from agent.steps import record, seed_site
+from agent.steps import record
+from agent.steps.install_flux import deployment_available
 
 Obj = dict[str, Any]
 READY, PROGRESSING, FAILED = "ready", "progressing", "failed"
@@ -183,7 +184,7 @@ def _collect(
         "apps/v1", "Deployment", config.flux.namespace, "app.kubernetes.io/part-of=flux"
     ):
         available = condition(deploy, "Available") or {}
-        ok = available.get("status") == "True" and observed_current(deploy)
+        ok = deployment_available(deploy)
         controllers.append(
             {
                 "name": deploy["metadata"]["name"],
@@ -216,12 +217,6 @@ def _collect(
 
 def _site(kube: Kube, config: config_module.Config) -> list[Obj]:
     """The first-boot objects: present or missing. Never their contents."""
-    wanted: list[tuple[str, str, str, str]] = [
-        ("v1", "Namespace", "", n["metadata"]["name"]) for n in seed_site.namespaces_of(config)
-    ]
-    wanted += [("v1", "Secret", s.namespace, s.name) for s in config.site.secrets]
-    wanted += [("v1", "ConfigMap", c.namespace, c.name) for c in config.site.config_maps]
-    wanted += [m.skip_if_exists for m in config.site.manifests if m.skip_if_exists]
     return [
         {
             "kind": kind,
@@ -229,7 +224,7 @@ def _site(kube: Kube, config: config_module.Config) -> list[Obj]:
             "name": name,
             "present": kube.get(api, kind, name, ns) is not None,
         }
-        for api, kind, ns, name in wanted
+        for api, kind, ns, name in desired.site_objects(config)
     ]
 
 

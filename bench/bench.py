@@ -74,6 +74,16 @@ def new_sim(work: Path, name: str) -> KubeSim:
     ).start()
 
 
+def measured(sim: KubeSim, seconds: float, rss_kb: int) -> dict[str, Any]:
+    """One row of the table: time, what the simulator saw, peak memory."""
+    return {
+        "seconds": seconds,
+        "requests": len(sim.requests),
+        "writes": len(sim.writes()),
+        "rss_kb": rss_kb,
+    }
+
+
 def kubectl_install(
     work: Path, round_no: int, config: config_module.Config, objects: Path
 ) -> dict[str, Any]:
@@ -115,12 +125,7 @@ def kubectl_install(
         if code != 0:
             raise SystemExit(f"kubectl baseline failed at: {' '.join(argv)}")
         total, peak = total + seconds, max(peak, rss)
-    result = {
-        "seconds": total,
-        "requests": len(sim.requests),
-        "writes": len(sim.writes()),
-        "rss_kb": peak,
-    }
+    result = measured(sim, total, peak)
     sim.stop()
     return result
 
@@ -146,12 +151,7 @@ def agent_install(work: Path, round_no: int, config_path: Path) -> dict[str, Any
         seconds, code, rss = run_timed(argv, env)
         if code != 0:
             raise SystemExit(f"agent {label} run failed")
-        runs[label] = {
-            "seconds": seconds,
-            "requests": len(sim.requests),
-            "writes": len(sim.writes()),
-            "rss_kb": rss,
-        }
+        runs[label] = measured(sim, seconds, rss)
     sim.stop()
     return runs
 

@@ -182,14 +182,19 @@ def apply_patches(objects: list[Obj], patches: list[Obj]) -> list[Obj]:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: Any) -> None:
-    config = write_config(site_config("profile"))
-    result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path))
+def run_mode(kubesim: KubeSim, write_config: Any, mode: str) -> Obj:
+    """Run the preset in `mode`, check what every mode needs; the root Kustomization."""
+    result = run_agent(*fast_run_args(write_config(site_config(mode)), kubesim.kubeconfig_path))
     assert result.code == 0, result.output
     check_common_references(kubesim)
-    root = kubesim.get(
+    root: Obj = kubesim.get(
         "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "alga-appliance", "flux-system"
     )
+    return root
+
+
+def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: Any) -> None:
+    root = run_mode(kubesim, write_config, "profile")
     assert root["spec"]["path"] == "./ee/appliance/flux/profiles/talos-single-node"
     assert {
         k: root["spec"][k] for k in ("interval", "retryInterval", "timeout", "prune", "wait")
@@ -238,13 +243,7 @@ def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: 
 
 
 def test_base_mode_creates_the_values_config_maps(kubesim: KubeSim, write_config: Any) -> None:
-    config = write_config(site_config("base"))
-    result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path))
-    assert result.code == 0, result.output
-    check_common_references(kubesim)
-    root = kubesim.get(
-        "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "alga-appliance", "flux-system"
-    )
+    root = run_mode(kubesim, write_config, "base")
     assert root["spec"]["path"] == "./ee/appliance/flux/base"
     assert "patches" not in root["spec"]
     for release in HELM_RELEASES:

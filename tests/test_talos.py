@@ -112,20 +112,25 @@ def test_a_worker_node_is_a_clear_error(
 # -- etcd bootstrap ------------------------------------------------------------------------------
 
 
-def slow_api(kubesim_factory: Any) -> KubeSim:
-    sim: KubeSim = kubesim_factory(controllers=True, controller_delay=0.05, refuse_seconds=3)
-    return sim
-
-
-def test_bootstrap_retries_failed_precondition(
+@pytest.fixture
+def slow_node(
     kubesim_factory: Any, machined_factory: Any, write_config: Any, tmp_path: Path
-) -> None:
-    sim = slow_api(kubesim_factory)
-    node = machined_factory(
-        sim, bootstrap_answers=["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ok"]
-    )
-    config = talos_config(write_config, sim, node, bootstrapEtcd=True, bootstrapAfter="500ms")
-    result = run_on_node(config, tmp_path)
+) -> Callable[..., tuple[FakeMachined, Result]]:
+    """Run on a node whose API stays down for 3 s; returns its machined and the result."""
+
+    def run(
+        bootstrap: bool = True, cluster_endpoint: str = CLOSED_ENDPOINT, **node_options: Any
+    ) -> tuple[FakeMachined, Result]:
+        sim = kubesim_factory(controllers=True, controller_delay=0.05, refuse_seconds=3)
+        node = machined_factory(sim, cluster_endpoint, **node_options)
+        talos = {"bootstrapEtcd": True, "bootstrapAfter": "500ms"} if bootstrap else {}
+        return node, run_on_node(talos_config(write_config, sim, node, **talos), tmp_path)
+
+    return run
+
+
+def test_bootstrap_retries_failed_precondition(slow_node: Any) -> None:
+    node, result = slow_node(bootstrap_answers=["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ok"])
     assert result.code == 0, result.output
     assert [n for n, _ in node.calls].count("Bootstrap") == 3
     assert all(md["talos-role"] == "os:admin" for _, md in node.calls)
@@ -135,37 +140,24 @@ def test_bootstrap_retries_failed_precondition(
     assert "etcd bootstrap requested" in events
 
 
-def test_bootstrap_already_done(
-    kubesim_factory: Any, machined_factory: Any, write_config: Any, tmp_path: Path
-) -> None:
-    sim = slow_api(kubesim_factory)
-    node = machined_factory(sim, bootstrap_answers=["ALREADY_EXISTS"])
-    config = talos_config(write_config, sim, node, bootstrapEtcd=True, bootstrapAfter="500ms")
-    result = run_on_node(config, tmp_path)
+def test_bootstrap_already_done(slow_node: Any) -> None:
+    node, result = slow_node(bootstrap_answers=["ALREADY_EXISTS"])
     assert result.code == 0, result.output
     assert [n for n, _ in node.calls].count("Bootstrap") == 1
     assert any(e["event"] == "etcd is already bootstrapped" for e in result.events())
 
 
-def test_bootstrap_on_a_node_without_etcd_is_a_clear_error(
-    kubesim_factory: Any, machined_factory: Any, write_config: Any, tmp_path: Path
-) -> None:
-    sim = slow_api(kubesim_factory)
-    node = machined_factory(sim, bootstrap_answers=["INVALID_ARGUMENT"])
-    config = talos_config(write_config, sim, node, bootstrapEtcd=True, bootstrapAfter="500ms")
-    result = run_on_node(config, tmp_path)
+def test_bootstrap_on_a_node_without_etcd_is_a_clear_error(slow_node: Any) -> None:
+    _, result = slow_node(bootstrap_answers=["INVALID_ARGUMENT"])
     assert result.code == 2
     assert "talos.bootstrapEtcd" in result.stderr and "etcd is not configured" in result.stderr
 
 
 def test_never_bootstraps_a_node_that_joins_an_existing_cluster(
-    kubesim_factory: Any, machined_factory: Any, write_config: Any, tmp_path: Path
+    slow_node: Any, kubesim_factory: Any
 ) -> None:
-    sim = slow_api(kubesim_factory)
     existing = kubesim_factory()  # the cluster this node joins answers at its endpoint
-    node = machined_factory(sim, cluster_endpoint=existing.url)
-    config = talos_config(write_config, sim, node, bootstrapEtcd=True, bootstrapAfter="500ms")
-    result = run_on_node(config, tmp_path)
+    node, result = slow_node(cluster_endpoint=existing.url)
     assert result.code == 0, result.output
     assert [n for n, _ in node.calls] == ["Kubeconfig"]
     assert any(
@@ -182,13 +174,9 @@ def test_no_bootstrap_when_the_api_comes_up_in_time(
     assert [n for n, _ in node.calls] == ["Kubeconfig"]
 
 
-def test_bootstrap_is_off_unless_configured(
-    kubesim_factory: Any, machined_factory: Any, write_config: Any, tmp_path: Path
-) -> None:
-    sim = slow_api(kubesim_factory)
-    node = machined_factory(sim)
+def test_bootstrap_is_off_unless_configured(slow_node: Any) -> None:
     started = time.monotonic()
-    result = run_on_node(talos_config(write_config, sim, node), tmp_path)
+    node, result = slow_node(bootstrap=False)
     assert result.code == 0, result.output
     assert time.monotonic() - started >= 2.5
     assert [n for n, _ in node.calls] == ["Kubeconfig"]

@@ -81,7 +81,8 @@ def _established(ctx: RunContext) -> bool | None:
     return True if wanted <= ready else None
 
 
-def _deployment_available(deploy: dict[str, Any]) -> bool:
+def deployment_available(deploy: dict[str, Any]) -> bool:
+    """Available for its current generation, every replica updated and available."""
     status = deploy.get("status", {})
     replicas = deploy.get("spec", {}).get("replicas", 1)
     return (
@@ -101,7 +102,7 @@ def _available(ctx: RunContext) -> bool | None:
     }
     for desired in ctx.bundle.deployments:
         found = live.get((desired["metadata"]["namespace"], desired["metadata"]["name"]))
-        if found is None or not _deployment_available(found):
+        if found is None or not deployment_available(found):
             return None
     return True
 

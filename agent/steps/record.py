@@ -14,7 +14,7 @@ from typing import Any
 
 from agent import __version__, desired, log
 from agent.bundle import FluxBundle
-from agent.config import Config, NamespaceSpec
+from agent.config import Config
 from agent.converge import StepResult, ensure
 from agent.kube import Kube
 
@@ -106,7 +106,12 @@ def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed:
     ):
         return False
     body = json.dumps(record, indent=2, sort_keys=True)
-    ensure(kube, [desired.namespace(_record_namespace(config))], _log)
+    ours = [
+        n
+        for n in desired.site_namespaces(config)
+        if n["metadata"]["name"] == config.record.namespace
+    ]
+    ensure(kube, ours, _log)
     kube.apply(desired.run_record(config.record.namespace, config.record.name, body))
     _log.info(
         "run recorded",
@@ -114,10 +119,3 @@ def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed:
         result=record["result"],
     )
     return True
-
-
-def _record_namespace(config: Config) -> NamespaceSpec:
-    for spec in config.site.namespaces:
-        if spec.name == config.record.namespace:
-            return spec
-    return NamespaceSpec(config.record.namespace)

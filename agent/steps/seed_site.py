@@ -17,10 +17,8 @@ import yaml
 
 from agent import desired, log
 from agent.config import (
-    Config,
     CreateOnceConfigMap,
     GeneratedSecret,
-    NamespaceSpec,
     PrerequisiteManifest,
 )
 from agent.context import RunContext
@@ -31,19 +29,11 @@ _log = log.get("seed-site")
 Obj = dict[str, Any]
 
 
-def namespaces_of(config: Config) -> list[Obj]:
-    """The site's namespaces, plus the one the run record lives in."""
-    specs = list(config.site.namespaces)
-    if config.record.namespace not in {n.name for n in specs}:
-        specs.append(NamespaceSpec(config.record.namespace))
-    return [desired.namespace(spec) for spec in specs]
-
-
 def seed(ctx: RunContext) -> StepResult:
     site = ctx.config.site
     if ctx.trust_previous and _present(ctx):
         return StepResult("seed-site", note="site objects present")
-    changes = ensure(ctx.kube, namespaces_of(ctx.config), _log)
+    changes = ensure(ctx.kube, desired.site_namespaces(ctx.config), _log)
     # With the namespaces there, the rest is independent: do it concurrently.
     tasks: list[Callable[[], list[str]]] = [
         *(partial(_prerequisite, ctx, m) for m in site.manifests),
@@ -145,19 +135,10 @@ def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
 
 
 def _present(ctx: RunContext) -> bool:
-    """A few list reads confirming every site object is still there."""
-    site = ctx.config.site
+    """A few list reads (one per kind and namespace) confirming every site object is there."""
     wanted: dict[tuple[str, str, str], set[str]] = {}
-    for ns in namespaces_of(ctx.config):
-        wanted.setdefault(("v1", "Namespace", ""), set()).add(ns["metadata"]["name"])
-    for s in site.secrets:
-        wanted.setdefault(("v1", "Secret", s.namespace), set()).add(s.name)
-    for c in site.config_maps:
-        wanted.setdefault(("v1", "ConfigMap", c.namespace), set()).add(c.name)
-    for m in site.manifests:
-        if m.skip_if_exists is not None:
-            api_version, kind, namespace, name = m.skip_if_exists
-            wanted.setdefault((api_version, kind, namespace), set()).add(name)
+    for api_version, kind, namespace, name in desired.site_objects(ctx.config):
+        wanted.setdefault((api_version, kind, namespace), set()).add(name)
 
     def complete(group: tuple[tuple[str, str, str], set[str]]) -> bool:
         (api_version, kind, namespace), names = group
