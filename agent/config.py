@@ -81,7 +81,9 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class TalosConfig:
     socket: str
-    bootstrap_etcd: bool
+    # False: never; True: a single-node site (the cluster endpoint is this node); a
+    # hostname: only the control-plane node of that name bootstraps (several of them).
+    bootstrap_etcd: bool | str
     bootstrap_after_s: float  # how long the API may stay down before etcd bootstrap
 
 
@@ -583,8 +585,29 @@ def _talos(s: _Section) -> TalosConfig:
         s.fail(f"{socket!r} must be an absolute path", "socket")
     talos = TalosConfig(
         socket,
-        s.flag("bootstrapEtcd", False),
+        _bootstrap_etcd(s),
         duration_seconds(s.duration("bootstrapAfter", "20s")),
     )
     s.close()
     return talos
+
+
+def _bootstrap_etcd(talos: _Section) -> bool | str:
+    """false, true (one node only) or {node: HOSTNAME}: with several control-plane nodes
+    exactly one may bootstrap etcd, or the cluster splits."""
+    if isinstance(talos.raw("bootstrapEtcd"), dict):
+        choice = talos.section("bootstrapEtcd")
+        node = choice.text(
+            "node",
+            pattern=DNS_SUBDOMAIN,
+            hint="the hostname of the one control-plane node that bootstraps etcd",
+        )
+        choice.close()
+        return node
+    if talos.has("bootstrapEtcd") and not isinstance(talos.raw("bootstrapEtcd"), bool):
+        talos.fail(
+            "use false, true (a single-node site) or {node: HOSTNAME} (the one control-plane "
+            "node that bootstraps etcd on a site with several)",
+            "bootstrapEtcd",
+        )
+    return talos.flag("bootstrapEtcd", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from agent.errors import BootstrapError, ConfigError
 from agent.kube import Kube, configuration_in_memory, load_kubeconfig, tls_settings
 from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
+from agent.talos import NoMachineConfig, NotControlPlane
 
 _log = log.get("run")
 STEPS = (
@@ -39,13 +41,25 @@ class RunOptions:
     dry_run: bool = False
 
 
+def _file_digest(source: str) -> str | None:
+    """The sha256 of the config file read, or None for the built-in preset."""
+    path = Path(source)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def connect(config: config_module.Config, kubeconfig: Path | None, deadline: float) -> Kube:
+def connect(
+    config: config_module.Config,
+    kubeconfig: Path | None,
+    deadline: float,
+    may_bootstrap: bool = True,
+) -> Kube:
     """Credentials (a kubeconfig file, or machined's admin kubeconfig on a Talos node), then
-    wait until an endpoint is ready, bootstrapping etcd if configured and needed."""
+    wait until an endpoint is ready, bootstrapping etcd if configured, needed and allowed
+    (`status` reads only: it never bootstraps). On a worker node raises NotControlPlane."""
     machined = None
     cluster_endpoint = None
     if kubeconfig is None and config.cluster.credentials == "talos":
@@ -70,11 +84,16 @@ def connect(config: config_module.Config, kubeconfig: Path | None, deadline: flo
         endpoints = list(config.cluster.endpoints or [client_config.host])
     verify, cert, headers = tls_settings(client_config)
     when_slow = None
-    if config.talos.bootstrap_etcd and machined is not None:  # only on the node itself
-        from agent import talos
+    if may_bootstrap and config.talos.bootstrap_etcd and machined is not None:
+        from agent import talos  # only on the node itself
 
         when_slow = partial(
-            talos.bootstrap_etcd_if_needed, machined, cluster_endpoint, endpoints, deadline
+            talos.bootstrap_etcd_if_needed,
+            machined,
+            config.talos.bootstrap_etcd,
+            cluster_endpoint,
+            endpoints,
+            deadline,
         )
     try:
         endpoint = wait_api.wait_for_api(
@@ -91,15 +110,33 @@ def run(options: RunOptions) -> list[StepResult]:
     started_at, started = _now(), time.monotonic()
     deadline = started + options.timeout_s
     config = config_module.load(options.config_path)
-    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
+    # First, which config this run loaded: on Talos a tech compares it with the
+    # ExtensionServiceConfig they applied (it takes effect only when the service restarts).
     _log.info(
         "starting",
         config=config.source,
-        flux=bundle.version,
+        config_sha256=_file_digest(config.source),
         timeout_s=options.timeout_s,
         dry_run=options.dry_run,
     )
-    kube = connect(config, options.kubeconfig, deadline)
+    bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
+    _log.info("flux bundle", flux=bundle.version, sha256=bundle.sha256)
+    try:
+        kube = connect(config, options.kubeconfig, deadline)
+    except NotControlPlane:
+        # One image boots every node of a site; on a worker the control plane's agent does
+        # the bootstrap. Exit 0 leaves the service Finished instead of retried every 5 s.
+        _log.info(
+            "this is a worker node: the agent on a control-plane node bootstraps the "
+            "cluster; nothing to do here"
+        )
+        return []
+    except NoMachineConfig as err:
+        # Talos computes this service's mounts (its ExtensionServiceConfig) when it starts
+        # it, and starts a Finished service again when that document arrives; a run that
+        # waited here would go on with the config it has now, possibly not the site's.
+        _log.info("nothing to do before Talos has its machine config", detail=str(err))
+        return []
     kube.dry_run = options.dry_run
     lease = None
     if not options.dry_run:

@@ -1,9 +1,15 @@
-"""Talos's machined API over its unix socket: an admin kubeconfig, and etcd bootstrap.
+"""Talos's machined API over its unix socket: an admin kubeconfig, the node's hostname, and
+etcd bootstrap.
 
-gRPC with the `talos-role: os:admin` metadata, as Talos's own on-node helpers call it. The
-few messages involved are encoded by hand (no protobuf runtime needed):
+gRPC with the `talos-role: os:admin` metadata: machined's socket trusts the role in the
+metadata (siderolabs/talos internal/app/machined/pkg/system/services/machined.go, the
+authz.Injector in MetadataOnly mode). The few messages involved are encoded by hand, so the
+image needs no protobuf runtime (tests check them against code generated from Talos's
+api/machine/machine.proto):
   Kubeconfig(google.protobuf.Empty) returns (stream common.Data)
     common.Data { Metadata metadata = 1; bytes bytes = 2; }, the bytes a tar.gz
+  Hostname(google.protobuf.Empty) returns (HostnameResponse)
+    HostnameResponse { repeated Hostname messages = 1; } Hostname { ...; string hostname = 2; }
   Bootstrap(BootstrapRequest) returns (BootstrapResponse)
     BootstrapRequest { bool recover_etcd = 1; bool recover_skip_hash_check = 2; }
 """
@@ -11,6 +17,8 @@ few messages involved are encoded by hand (no protobuf runtime needed):
 from __future__ import annotations
 
 import io
+import ipaddress
+import posixpath
 import socket
 import tarfile
 import time
@@ -24,8 +32,29 @@ from agent.errors import BootstrapError, ConfigError
 
 _log = log.get("talos")
 KUBECONFIG_METHOD = "/machine.MachineService/Kubeconfig"
+HOSTNAME_METHOD = "/machine.MachineService/Hostname"
 BOOTSTRAP_METHOD = "/machine.MachineService/Bootstrap"
 ROLE_METADATA = (("talos-role", "os:admin"),)
+KUBECONFIG_MAX_BYTES = 1 << 20  # an admin kubeconfig is a few KiB
+ARCHIVE_MAX_ENTRIES = 8
+CALL_TIMEOUT_S = 10.0
+
+
+NO_CONFIG_GRACE_S = 60.0  # early boot: machined learns its machine type within seconds
+
+
+class NothingToDoHere(ConfigError):
+    """machined gives no admin kubeconfig on this node, for good: on the node itself that
+    is not a failure (the service exits 0); for a field tech it is bad input (exit 2)."""
+
+
+class NotControlPlane(NothingToDoHere):
+    """A worker node: the agent on a control-plane node bootstraps the cluster."""
+
+
+class NoMachineConfig(NothingToDoHere):
+    """Maintenance mode: Talos has no machine config yet, so no ExtensionServiceConfig was
+    mounted either; the service must start afresh once it has one."""
 
 
 # -- protobuf wire format, just what these messages need ----------------------------------------
@@ -44,9 +73,9 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def data_bytes(message: bytes) -> bytes:
-    """The `bytes` field (2) of a common.Data message; other fields are skipped."""
-    pos, out = 0, b""
+def _length_delimited(message: bytes, wanted: int) -> list[bytes]:
+    """Every length-delimited field numbered `wanted` in a message; other fields skipped."""
+    pos, found = 0, []
     while pos < len(message):
         key, pos = _read_varint(message, pos)
         field, wire = key >> 3, key & 7
@@ -54,14 +83,29 @@ def data_bytes(message: bytes) -> bytes:
             _, pos = _read_varint(message, pos)
         elif wire == 2:
             size, pos = _read_varint(message, pos)
-            if field == 2:
-                out += message[pos : pos + size]
+            if pos + size > len(message):
+                raise ValueError("truncated field")
+            if field == wanted:
+                found.append(message[pos : pos + size])
             pos += size
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
         else:
             raise ValueError(f"unexpected wire type {wire}")
-    return out
+    return found
+
+
+def data_bytes(message: bytes) -> bytes:
+    """The `bytes` field (2) of a common.Data message."""
+    return b"".join(_length_delimited(message, 2))
+
+
+def hostname_of(message: bytes) -> str:
+    """HostnameResponse.messages[0].hostname."""
+    for entry in _length_delimited(message, 1):
+        for name in _length_delimited(entry, 2):
+            return name.decode()
+    return ""
 
 
 def bootstrap_request(recover_etcd: bool = False) -> bytes:
@@ -77,126 +121,285 @@ class Machined:
 
         self._grpc = grpc
         self.socket_path = socket_path
-        self._channel = grpc.insecure_channel(f"unix://{socket_path}")
+        # Reconnect soon after machined's socket appears (gRPC's default backoff grows to
+        # 120 s, and calls fail fast meanwhile).
+        self._channel = grpc.insecure_channel(
+            f"unix://{socket_path}",
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
 
     def close(self) -> None:
         self._channel.close()
 
-    def _retrying(
-        self, codes: set[Any], waiting_event: str, deadline: float, max_wait: float
-    ) -> tenacity.Retrying:
-        """Retry calls failing with one of `codes` until the deadline, logging each wait."""
+    def _code(self, err: BaseException) -> Any:
+        return err.code() if isinstance(err, self._grpc.RpcError) else None
+
+    def _retrying(self, retry_if: Any, waiting_event: str, deadline: float) -> tenacity.Retrying:
+        """Retry calls for which `retry_if(err)` holds until the deadline, with capped
+        exponential backoff (never a hot loop), logging each wait."""
 
         def waiting(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
+            code = self._code(exc) if exc else None
             _log.info(
                 waiting_event,
                 socket=self.socket_path,
                 attempt=state.attempt_number,
+                code=code.name if code else None,
                 detail=getattr(exc, "details", str)(),
+                deadline_in_s=round(deadline - time.monotonic()),
             )
 
         return tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda err: self._code(err) in codes),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.25, max=max_wait),
+            retry=tenacity.retry_if_exception(retry_if),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=10),
             stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
             before_sleep=waiting,
             reraise=True,
         )
 
-    def _code(self, err: BaseException) -> Any:
-        return err.code() if isinstance(err, self._grpc.RpcError) else None
+    def _timeout(self, deadline: float) -> float:
+        return max(min(CALL_TIMEOUT_S, deadline - time.monotonic()), 0.1)
 
     def kubeconfig(self, deadline: float) -> bytes:
-        """The admin kubeconfig (YAML) machined generates; retried while machined is not
-        ready. A worker node has none: that is a config error."""
+        """The admin kubeconfig (YAML) machined generates. Retried while machined starts or
+        does not know the machine type yet; a worker has none (NotControlPlane)."""
         grpc = self._grpc
         call = self._channel.unary_stream(
             KUBECONFIG_METHOD, request_serializer=lambda _: b"", response_deserializer=data_bytes
         )
 
         def fetch() -> bytes:
-            return b"".join(call(None, metadata=ROLE_METADATA, timeout=10))
+            return b"".join(call(None, metadata=ROLE_METADATA, timeout=self._timeout(deadline)))
+
+        unset_since: list[float] = []
+
+        def later(err: BaseException) -> bool:
+            code = self._code(err)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return True
+            # machinehelper.CheckControlplane: "machine type is not set" until machined has
+            # a machine config: seconds in early boot, for good in maintenance mode.
+            if code == grpc.StatusCode.UNIMPLEMENTED and "machine type is not set" in _details(err):
+                unset_since.append(time.monotonic())
+                return time.monotonic() - unset_since[0] < NO_CONFIG_GRACE_S
+            return False
 
         try:
-            archive: bytes = self._retrying(
-                {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED},
-                "machined not ready yet",
-                deadline,
-                max_wait=5,
-            )(fetch)
+            archive: bytes = self._retrying(later, "machined not ready yet", deadline)(fetch)
         except grpc.RpcError as err:
-            code, details = self._code(err), err.details()
-            if code in (
-                grpc.StatusCode.UNIMPLEMENTED,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ) and "control plane" in (details or ""):
-                raise ConfigError(
-                    "cluster.credentials: talos gives a kubeconfig only on a control-plane "
-                    f"node ({details}); on this node use credentials: kubeconfig"
+            code, details = self._code(err), _details(err)
+            if code == grpc.StatusCode.UNIMPLEMENTED and "only available on control plane" in (
+                details
+            ):
+                raise NotControlPlane(
+                    f"this is not a control-plane node (machined: {details}): "
+                    "cluster.credentials: talos works only on a control-plane node; "
+                    "elsewhere pass --kubeconfig PATH"
+                ) from None
+            if code == grpc.StatusCode.UNIMPLEMENTED and "machine type is not set" in details:
+                raise NoMachineConfig(
+                    f"Talos has no machine config yet (machined: {details}; maintenance "
+                    "mode): apply one; the service runs again when Talos boots with it"
                 ) from None
             raise BootstrapError(
-                f"machined ({self.socket_path}) did not give a kubeconfig: "
-                f"{code.name if code else ''} {details}"
+                f"machined ({self.socket_path}) did not give a kubeconfig within the run's "
+                f"deadline: {code.name if code else ''} {details}; it is retried on the next run"
             ) from None
-        return _untar_kubeconfig(archive)
+        return kubeconfig_from_archive(archive)
+
+    def hostname(self, deadline: float) -> str:
+        """The node's hostname as machined knows it (this container has its own UTS
+        namespace, so the local hostname may differ)."""
+        grpc = self._grpc
+        call = self._channel.unary_unary(
+            HOSTNAME_METHOD, request_serializer=lambda _: b"", response_deserializer=hostname_of
+        )
+
+        def unavailable(err: BaseException) -> bool:
+            return bool(self._code(err) == grpc.StatusCode.UNAVAILABLE)
+
+        try:
+            name: str = self._retrying(unavailable, "machined not ready yet", deadline)(
+                lambda: call(None, metadata=ROLE_METADATA, timeout=self._timeout(deadline))
+            )
+        except grpc.RpcError as err:
+            raise BootstrapError(
+                f"machined did not say the node's hostname: {_details(err)}"
+            ) from None
+        return name
 
     def bootstrap(self, deadline: float) -> str:
-        """Ask machined to bootstrap etcd. Returns "bootstrapped" or "already bootstrapped";
-        FailedPrecondition (not ready, time not in sync) is retried with backoff."""
+        """Ask machined to bootstrap etcd: "bootstrapped" or "already bootstrapped".
+        Each refusal as Talos means it (v1alpha1_server.go, Server.Bootstrap):
+        FailedPrecondition "not available yet" / "time is not in sync yet", Unimplemented
+        "machine type is not set", and plain errors (Unknown, for example "bootstrap is not
+        allowed during unattended install") become possible later: retried with backoff
+        until the deadline. AlreadyExists: done before. A worker (FailedPrecondition "can
+        only be performed on a control plane node" up to 1.12, Unimplemented "only available
+        on control plane nodes" from 1.13) and InvalidArgument (no etcd configured, 1.14)
+        never become possible: stop at once."""
         grpc = self._grpc
         call = self._channel.unary_unary(
             BOOTSTRAP_METHOD, request_serializer=lambda r: r, response_deserializer=lambda b: b
         )
 
+        def never(err: BaseException) -> str | None:
+            code, details = self._code(err), _details(err)
+            if "control plane node" in details and code in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.UNIMPLEMENTED,
+            ):
+                return f"this is not a control-plane node (machined: {details})"
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                return (
+                    f"this control-plane node has no etcd configured (machined: {details}); "
+                    "check the machine config's cluster.etcd, or set talos.bootstrapEtcd: false"
+                )
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                return f"machined refused the os:admin role ({details})"
+            return None
+
+        def later(err: BaseException) -> bool:
+            return isinstance(err, grpc.RpcError) and never(err) is None
+
         def attempt() -> str:
             try:
                 call(bootstrap_request(), metadata=ROLE_METADATA, timeout=30)
             except grpc.RpcError as err:
-                code, details = self._code(err), err.details()
-                if code == grpc.StatusCode.ALREADY_EXISTS:
-                    _log.info("etcd is already bootstrapped", detail=details)
+                if self._code(err) == grpc.StatusCode.ALREADY_EXISTS:
+                    _log.info("etcd is already bootstrapped", detail=_details(err))
                     return "already bootstrapped"
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ConfigError(
-                        f"talos.bootstrapEtcd: machined refused ({details}): this is not a "
-                        "control-plane node; set talos.bootstrapEtcd: false"
-                    ) from None
                 raise
             _log.info("etcd bootstrap requested")
             return "bootstrapped"
 
-        retryable = {
-            grpc.StatusCode.FAILED_PRECONDITION,
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        }
         try:
             result: str = self._retrying(
-                retryable, "etcd bootstrap not possible yet; retrying", deadline, max_wait=10
+                later, "etcd bootstrap not possible yet; retrying", deadline
             )(attempt)
         except grpc.RpcError as err:
-            raise BootstrapError(f"etcd bootstrap failed: {err.details()}") from None
+            reason = never(err)
+            if reason is not None:
+                raise ConfigError(f"talos.bootstrapEtcd: {reason}") from None
+            raise BootstrapError(
+                f"etcd bootstrap was not possible within the run's deadline: "
+                f"{self._code(err).name} {_details(err)}; it is retried on the next run"
+            ) from None
         return result
 
 
-def _untar_kubeconfig(archive: bytes) -> bytes:
+def _details(err: BaseException) -> str:
+    details = getattr(err, "details", None)
+    return str(details() if callable(details) else err) or ""
+
+
+def kubeconfig_from_archive(archive: bytes) -> bytes:
+    """The `kubeconfig` entry of machined's tar.gz, read as a stream as talosctl does
+    (cmd/talosctl/pkg/talos/helpers/archive.go, ExtractFileFromTarGz): machined never
+    closes its tar writer, so there is no padding after the file and no end-of-archive
+    blocks (v1alpha1_server.go, Server.Kubeconfig); random access would fail on it."""
+    others: list[str] = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            member = tar.getmember("kubeconfig")
-            extracted = tar.extractfile(member)
-            if extracted is None:
-                raise KeyError("kubeconfig")
-            return extracted.read()
-    except (tarfile.TarError, KeyError, OSError) as err:
-        raise BootstrapError(f"machined's kubeconfig archive is unreadable: {err}") from None
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r|gz") as tar:
+            for member in tar:
+                if posixpath.normpath(member.name).lstrip("/") != "kubeconfig":
+                    others.append(member.name)
+                    if len(others) >= ARCHIVE_MAX_ENTRIES:
+                        break
+                    continue
+                return _read_kubeconfig(tar, member)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        if not others:
+            raise BootstrapError(f"machined's kubeconfig archive is unreadable: {err}") from None
+    raise BootstrapError(
+        f"machined's kubeconfig archive holds no file named kubeconfig (found {others[:3]})"
+    )
+
+
+def _read_kubeconfig(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    if not member.isreg():
+        raise BootstrapError("machined's kubeconfig archive: kubeconfig is not a file")
+    if member.size > KUBECONFIG_MAX_BYTES:
+        raise BootstrapError(
+            f"machined's kubeconfig archive: kubeconfig is {member.size} bytes, "
+            f"over the {KUBECONFIG_MAX_BYTES} this agent accepts"
+        )
+    extracted = tar.extractfile(member)
+    data = extracted.read() if extracted else b""
+    if len(data) != member.size:
+        raise BootstrapError("machined's kubeconfig archive is truncated")
+    return data
+
+
+# -- which node bootstraps etcd ----------------------------------------------------------------
+
+
+def is_this_node(host: str, node_hostname: str) -> bool:
+    """Whether `host` (a cluster endpoint's host) names this node: its hostname, loopback,
+    or an address assigned here. The container shares the host's network namespace
+    (extension.go, getOCIOptions: WithHostNamespace(network)), so binding to an address
+    succeeds exactly when the node holds it; nothing is sent anywhere."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name in ("localhost", node_hostname.lower(), node_hostname.lower().split(".")[0]):
+        return True
+    try:
+        addresses = [ipaddress.ip_address(name)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            return False
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return bool(addresses) and all(_assigned_here(a) for a in addresses)
+
+
+def _assigned_here(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def bootstrap_etcd_if_needed(
-    machined: Machined, cluster_endpoint: str | None, local_endpoints: list[str], deadline: float
+    machined: Machined,
+    mode: str | bool,
+    cluster_endpoint: str | None,
+    local_endpoints: list[str],
+    deadline: float,
 ) -> None:
-    """The API has stayed down: bootstrap etcd, unless this node joins an existing cluster,
-    that is, something listens at its cluster endpoint elsewhere. Every decision is logged."""
+    """The API has stayed down. Bootstrap etcd only on the one node meant to, and never
+    when something already answers at the cluster endpoint (this node joins a cluster).
+    `mode`: True (a single-node site: the cluster endpoint must be this node) or the
+    hostname of the one control-plane node that bootstraps. Every decision is logged."""
+    hostname = machined.hostname(deadline)
+    if isinstance(mode, str):
+        if hostname.lower() != mode.lower():
+            _log.info(
+                "not the bootstrap node: etcd is bootstrapped by the agent on the node named "
+                "in talos.bootstrapEtcd.node; waiting for the API",
+                node=hostname,
+                bootstrap_node=mode,
+            )
+            return
+    else:
+        host = urlsplit(cluster_endpoint or "").hostname or ""
+        if not is_this_node(host, hostname):
+            raise ConfigError(
+                f"talos.bootstrapEtcd: true bootstraps a single-node site only, but the "
+                f"cluster endpoint {cluster_endpoint} is not this node ({hostname}): on a "
+                "site with several control-plane nodes name the one that bootstraps, "
+                "talos.bootstrapEtcd: {node: <hostname>}; etcd was not bootstrapped"
+            )
     if cluster_endpoint and cluster_endpoint not in local_endpoints:
         parts = urlsplit(cluster_endpoint)
         try:
@@ -215,6 +418,6 @@ def bootstrap_etcd_if_needed(
                 endpoint=cluster_endpoint,
             )
             return
-    _log.info("the API is still down: asking machined to bootstrap etcd")
+    _log.info("the API is still down: asking machined to bootstrap etcd", node=hostname)
     result = machined.bootstrap(deadline)
     _log.info("etcd bootstrap", result=result)

@@ -36,7 +36,8 @@ MIRRORS = [
     "http://deb.debian.org/debian",
     f"deb http://deb.debian.org/debian-security {SUITE}-security main",
 ]
-PACKAGES = ["python3-minimal", "libpython3.11-stdlib"]
+# libstdc++6: grpcio's native module (machined's API, the Talos boot path) links it.
+PACKAGES = ["python3-minimal", "libpython3.11-stdlib", "libstdc++6"]
 PYTHON = "/usr/lib/python3.11"
 SITE = "/usr/local/lib/alga-bootstrap"  # the agent and its dependencies
 SHARE = "/usr/local/share/alga-bootstrap"
@@ -193,9 +194,12 @@ def prune_and_normalise(root: Path) -> None:
             target.unlink()
     for pycache in list(root.rglob("__pycache__")):
         shutil.rmtree(pycache)
-    # Device nodes: Talos refuses special files, and the runtime provides /dev anyway.
-    shutil.rmtree(root / "dev")
-    (root / "dev").mkdir()
+    # Device nodes: Talos refuses special files, and the runtime provides /dev anyway. The
+    # runtime mounts /dev, /proc and /sys on empty directories (the agent's in-memory
+    # kubeconfig files live under /proc/self/fd).
+    for runtime_dir in ("dev", "proc", "sys"):
+        shutil.rmtree(root / runtime_dir, ignore_errors=True)
+        (root / runtime_dir).mkdir()
     for path in root.rglob("*"):
         mode = path.lstat().st_mode
         if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 import secrets
 import socket
@@ -131,6 +132,7 @@ class KubeSim:
         self._tmp = tempfile.TemporaryDirectory(prefix="kubesim-")
         self.kubeconfig_path = Path(kubeconfig_out or Path(self._tmp.name) / "kubeconfig")
         self.stopping = threading.Event()
+        self._accept_now = threading.Event()
         self._serving = threading.Event()
         ca = trustme.CA()
         self.ca_pem = ca.cert_pem.bytes()
@@ -159,7 +161,10 @@ class KubeSim:
         def serve() -> None:
             # Bound but not listening: clients get "connection refused" until then.
             if self.refuse_seconds:
-                if self.stopping.wait(self.refuse_seconds):
+                self._accept_now.wait(
+                    None if self.refuse_seconds == math.inf else self.refuse_seconds
+                )
+                if self.stopping.is_set():
                     return
                 server.server_activate()
             self._serving.set()
@@ -171,8 +176,14 @@ class KubeSim:
         threading.Thread(target=serve, name="kubesim-serve", daemon=True).start()
         return self
 
+    def accept_connections(self) -> None:
+        """Start listening now (refuse_seconds=math.inf waits for this): a fresh Talos
+        control plane's kube-apiserver comes up only once etcd is bootstrapped."""
+        self._accept_now.set()
+
     def stop(self) -> None:
         self.stopping.set()
+        self._accept_now.set()
         self.controllers.stop()
         if self._server is not None:
             if self._serving.is_set():

@@ -108,3 +108,10 @@ def test_imager_profiles() -> None:
         assert set(extensions[0]) & {"imageRef", "tarballPath", "ociPath"}
         assert profile["version"] == iso["version"]
     assert iso["input"]["imageCache"]["ociPath"]
+
+
+def test_three_node_example_names_one_bootstrap_node() -> None:
+    example = TALOS / "examples" / "three-node.yaml"
+    assert load("examples/three-node.yaml")["talos"]["bootstrapEtcd"] == {"node": "cp-1"}
+    result = run_agent("validate", "--config", str(example), "--flux-manifests", str(BUNDLE))
+    assert result.code == 0, result.output
