@@ -599,8 +599,9 @@ def _bootstrap_etcd(talos: _Section) -> bool | str:
         choice = talos.section("bootstrapEtcd")
         node = choice.text(
             "node",
-            pattern=DNS_SUBDOMAIN,
-            hint="the hostname of the one control-plane node that bootstraps etcd",
+            pattern=DNS_LABEL,
+            hint="the short hostname (no domain, as `talosctl get hostname` shows it) of the "
+            "one control-plane node that bootstraps etcd",
         )
         choice.close()
         return node

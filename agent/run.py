@@ -12,14 +12,13 @@ from pathlib import Path
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
-from agent import log
+from agent import log, talos
 from agent.context import RunContext
 from agent.converge import StepResult
 from agent.errors import BootstrapError, ConfigError
 from agent.kube import Kube, configuration_in_memory, load_kubeconfig, tls_settings
 from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
-from agent.talos import NoMachineConfig, NotControlPlane
 
 _log = log.get("run")
 STEPS = (
@@ -55,18 +54,21 @@ def connect(
     config: config_module.Config,
     kubeconfig: Path | None,
     deadline: float,
-    may_bootstrap: bool = True,
+    read_only: bool = False,
 ) -> Kube:
     """Credentials (a kubeconfig file, or machined's admin kubeconfig on a Talos node), then
-    wait until an endpoint is ready, bootstrapping etcd if configured, needed and allowed
-    (`status` reads only: it never bootstraps). On a worker node raises NotControlPlane."""
+    wait until an endpoint is ready, bootstrapping etcd if configured and needed. `status`
+    is read-only: it never bootstraps nor restarts the service. Raises NothingToDoHere on a
+    worker, or when the service must start afresh for a machine config that came late."""
     machined = None
     cluster_endpoint = None
     if kubeconfig is None and config.cluster.credentials == "talos":
-        from agent import talos
-
         machined = talos.Machined(config.talos.socket)
         raw = machined.kubeconfig(deadline)
+        if machined.config_arrived_late and not read_only:
+            machined.restart_this_service()
+            machined.close()
+            raise talos.RestartedForConfig(f"restarting {talos.SERVICE_ID}")
         client_config, cluster_endpoint = configuration_in_memory(raw, "machined's kubeconfig")
         endpoints = list(config.cluster.endpoints or config_module.TALOS_ENDPOINTS)
     else:
@@ -84,9 +86,7 @@ def connect(
         endpoints = list(config.cluster.endpoints or [client_config.host])
     verify, cert, headers = tls_settings(client_config)
     when_slow = None
-    if may_bootstrap and config.talos.bootstrap_etcd and machined is not None:
-        from agent import talos  # only on the node itself
-
+    if not read_only and config.talos.bootstrap_etcd and machined is not None:
         when_slow = partial(
             talos.bootstrap_etcd_if_needed,
             machined,
@@ -123,19 +123,10 @@ def run(options: RunOptions) -> list[StepResult]:
     _log.info("flux bundle", flux=bundle.version, sha256=bundle.sha256)
     try:
         kube = connect(config, options.kubeconfig, deadline)
-    except NotControlPlane:
-        # One image boots every node of a site; on a worker the control plane's agent does
-        # the bootstrap. Exit 0 leaves the service Finished instead of retried every 5 s.
-        _log.info(
-            "this is a worker node: the agent on a control-plane node bootstraps the "
-            "cluster; nothing to do here"
-        )
-        return []
-    except NoMachineConfig as err:
-        # Talos computes this service's mounts (its ExtensionServiceConfig) when it starts
-        # it, and starts a Finished service again when that document arrives; a run that
-        # waited here would go on with the config it has now, possibly not the site's.
-        _log.info("nothing to do before Talos has its machine config", detail=str(err))
+    except talos.NothingToDoHere as err:
+        # One image boots every node of a site (a worker has nothing to do), and a service
+        # restarted for its config runs again: exit 0, so Talos does not retry every 5 s.
+        _log.info(err.event, detail=str(err))
         return []
     kube.dry_run = options.dry_run
     lease = None

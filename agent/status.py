@@ -146,7 +146,7 @@ def collect(
         bundle = None
     report["flux"]["bundled"] = bundle.version if bundle else None
     try:
-        kube = connect(config, kubeconfig, time.monotonic() + 5, may_bootstrap=False)
+        kube = connect(config, kubeconfig, time.monotonic() + 5, read_only=True)
     except ConfigError:
         raise
     except BootstrapError as err:

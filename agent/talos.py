@@ -10,8 +10,15 @@ api/machine/machine.proto):
     common.Data { Metadata metadata = 1; bytes bytes = 2; }, the bytes a tar.gz
   Hostname(google.protobuf.Empty) returns (HostnameResponse)
     HostnameResponse { repeated Hostname messages = 1; } Hostname { ...; string hostname = 2; }
+  ServiceList(google.protobuf.Empty) returns (ServiceListResponse)
+    ServiceListResponse { repeated ServiceList messages = 1; }
+    ServiceList { ...; repeated ServiceInfo services = 2; } ServiceInfo { string id = 1; ... }
+  ServiceRestart(ServiceRestartRequest) returns (ServiceRestartResponse)
+    ServiceRestartRequest { string id = 1; }
   Bootstrap(BootstrapRequest) returns (BootstrapResponse)
     BootstrapRequest { bool recover_etcd = 1; bool recover_skip_hash_check = 2; }
+From Talos 1.13 the socket also checks the caller's namespaces (services/machined.go,
+unix.Authorizer); extension services pass.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from agent.errors import BootstrapError, ConfigError
 _log = log.get("talos")
 KUBECONFIG_METHOD = "/machine.MachineService/Kubeconfig"
 HOSTNAME_METHOD = "/machine.MachineService/Hostname"
+SERVICE_LIST_METHOD = "/machine.MachineService/ServiceList"
+SERVICE_RESTART_METHOD = "/machine.MachineService/ServiceRestart"
 BOOTSTRAP_METHOD = "/machine.MachineService/Bootstrap"
 ROLE_METADATA = (("talos-role", "os:admin"),)
 KUBECONFIG_MAX_BYTES = 1 << 20  # an admin kubeconfig is a few KiB
@@ -40,21 +49,31 @@ ARCHIVE_MAX_ENTRIES = 8
 CALL_TIMEOUT_S = 10.0
 
 
-NO_CONFIG_GRACE_S = 60.0  # early boot: machined learns its machine type within seconds
+SERVICE_ID = "ext-alga-bootstrap"  # Talos's id for talos/alga-bootstrap.yaml's service
 
 
 class NothingToDoHere(ConfigError):
-    """machined gives no admin kubeconfig on this node, for good: on the node itself that
-    is not a failure (the service exits 0); for a field tech it is bad input (exit 2)."""
+    """This run ends here without a failure on the node itself (the service exits 0, its
+    log says `event`); for a field tech it is bad input (exit 2)."""
+
+    event = ""
 
 
 class NotControlPlane(NothingToDoHere):
-    """A worker node: the agent on a control-plane node bootstraps the cluster."""
+    event = (
+        "this is a worker node: the agent on a control-plane node bootstraps the cluster; "
+        "nothing to do here"
+    )
 
 
-class NoMachineConfig(NothingToDoHere):
-    """Maintenance mode: Talos has no machine config yet, so no ExtensionServiceConfig was
-    mounted either; the service must start afresh once it has one."""
+class RestartedForConfig(NothingToDoHere):
+    # Talos mounts the ExtensionServiceConfig's files when it starts the service and does
+    # not restart a running one for the first document (extension_service.go,
+    # handleRestart): a run that went on could use the built-in preset instead.
+    event = (
+        "the machine config arrived after this service started: asked Talos to start it "
+        "afresh, with the config's files mounted"
+    )
 
 
 # -- protobuf wire format, just what these messages need ----------------------------------------
@@ -108,6 +127,22 @@ def hostname_of(message: bytes) -> str:
     return ""
 
 
+def service_ids(message: bytes) -> list[str]:
+    """ServiceListResponse.messages[*].services[*].id."""
+    return [
+        name.decode()
+        for listing in _length_delimited(message, 1)
+        for info in _length_delimited(listing, 2)
+        for name in _length_delimited(info, 1)
+    ]
+
+
+def _string_field(number: int, value: str) -> bytes:
+    data = value.encode()
+    assert len(data) < 128  # one-byte length: ids are short
+    return bytes([number << 3 | 2, len(data)]) + data
+
+
 def bootstrap_request(recover_etcd: bool = False) -> bytes:
     return b"\x08\x01" if recover_etcd else b""  # proto3: false fields are not sent
 
@@ -121,6 +156,7 @@ class Machined:
 
         self._grpc = grpc
         self.socket_path = socket_path
+        self.config_arrived_late = False  # machined had no machine config when first asked
         # Reconnect soon after machined's socket appears (gRPC's default backoff grows to
         # 120 s, and calls fail fast meanwhile).
         self._channel = grpc.insecure_channel(
@@ -166,8 +202,9 @@ class Machined:
         return max(min(CALL_TIMEOUT_S, deadline - time.monotonic()), 0.1)
 
     def kubeconfig(self, deadline: float) -> bytes:
-        """The admin kubeconfig (YAML) machined generates. Retried while machined starts or
-        does not know the machine type yet; a worker has none (NotControlPlane)."""
+        """The admin kubeconfig (YAML) machined generates, waited for while machined starts
+        or has no machine config yet (then `config_arrived_late` is set). A worker has none
+        (NotControlPlane)."""
         grpc = self._grpc
         call = self._channel.unary_stream(
             KUBECONFIG_METHOD, request_serializer=lambda _: b"", response_deserializer=data_bytes
@@ -176,41 +213,71 @@ class Machined:
         def fetch() -> bytes:
             return b"".join(call(None, metadata=ROLE_METADATA, timeout=self._timeout(deadline)))
 
-        unset_since: list[float] = []
-
         def later(err: BaseException) -> bool:
-            code = self._code(err)
+            code, details = self._code(err), _details(err)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return True
-            # machinehelper.CheckControlplane: "machine type is not set" until machined has
-            # a machine config: seconds in early boot, for good in maintenance mode.
-            if code == grpc.StatusCode.UNIMPLEMENTED and "machine type is not set" in _details(err):
-                unset_since.append(time.monotonic())
-                return time.monotonic() - unset_since[0] < NO_CONFIG_GRACE_S
+            # No machine config yet (early boot, maintenance mode): up to Talos 1.12 a nil
+            # config panics into Internal (Server.checkControlplane); from 1.13 the machine
+            # type is "unknown" and the answer is the worker's, so the services tell.
+            if code == grpc.StatusCode.INTERNAL or "machine type is not set" in details:
+                self.config_arrived_late = True
+                return True
+            if "only available on control plane" in details and not self._has_config(deadline):
+                self.config_arrived_late = True
+                return True
             return False
 
         try:
             archive: bytes = self._retrying(later, "machined not ready yet", deadline)(fetch)
         except grpc.RpcError as err:
             code, details = self._code(err), _details(err)
-            if code == grpc.StatusCode.UNIMPLEMENTED and "only available on control plane" in (
-                details
-            ):
+            if "only available on control plane" in details and not self.config_arrived_late:
                 raise NotControlPlane(
                     f"this is not a control-plane node (machined: {details}): "
                     "cluster.credentials: talos works only on a control-plane node; "
                     "elsewhere pass --kubeconfig PATH"
                 ) from None
-            if code == grpc.StatusCode.UNIMPLEMENTED and "machine type is not set" in details:
-                raise NoMachineConfig(
-                    f"Talos has no machine config yet (machined: {details}; maintenance "
-                    "mode): apply one; the service runs again when Talos boots with it"
+            if self.config_arrived_late:
+                raise BootstrapError(
+                    f"Talos has no machine config yet (maintenance mode, or still loading; "
+                    f"machined: {details}): apply one; the service is retried and then "
+                    "starts afresh with it"
                 ) from None
             raise BootstrapError(
-                f"machined ({self.socket_path}) did not give a kubeconfig within the run's "
-                f"deadline: {code.name if code else ''} {details}; it is retried on the next run"
+                f"machined ({self.socket_path}) did not give a kubeconfig: "
+                f"{code.name if code else ''} {details}; it is retried on the next run"
             ) from None
         return kubeconfig_from_archive(archive)
+
+    def _has_config(self, deadline: float) -> bool:
+        """Whether machined has loaded a machine config: then kubelet is among its services
+        (controllers/k8s/kubelet_service.go, KubeletServiceController, every machine type)."""
+        call = self._channel.unary_unary(
+            SERVICE_LIST_METHOD, request_serializer=lambda _: b"", response_deserializer=service_ids
+        )
+        try:
+            ids: list[str] = call(None, metadata=ROLE_METADATA, timeout=self._timeout(deadline))
+        except self._grpc.RpcError:
+            return False  # cannot tell yet: wait as for a node still loading its config
+        return "kubelet" in ids
+
+    def restart_this_service(self) -> None:
+        """Ask Talos to stop and start this service (Server.ServiceRestart): a new start
+        mounts the ExtensionServiceConfig Talos has now (extension.go, Runner). Talos stops
+        this container meanwhile; a slow answer is expected, not an error."""
+        grpc = self._grpc
+        call = self._channel.unary_unary(
+            SERVICE_RESTART_METHOD, request_serializer=lambda i: i, response_deserializer=bytes
+        )
+        try:
+            call(_string_field(1, SERVICE_ID), metadata=ROLE_METADATA, timeout=2)
+        except grpc.RpcError as err:
+            if self._code(err) not in (grpc.StatusCode.DEADLINE_EXCEEDED,):
+                raise BootstrapError(
+                    f"could not ask Talos to restart {SERVICE_ID} ({_details(err)}): restart "
+                    f"it: talosctl service {SERVICE_ID} restart"
+                ) from None
 
     def hostname(self, deadline: float) -> str:
         """The node's hostname as machined knows it (this container has its own UTS
@@ -236,13 +303,12 @@ class Machined:
     def bootstrap(self, deadline: float) -> str:
         """Ask machined to bootstrap etcd: "bootstrapped" or "already bootstrapped".
         Each refusal as Talos means it (v1alpha1_server.go, Server.Bootstrap):
-        FailedPrecondition "not available yet" / "time is not in sync yet", Unimplemented
-        "machine type is not set", and plain errors (Unknown, for example "bootstrap is not
-        allowed during unattended install") become possible later: retried with backoff
-        until the deadline. AlreadyExists: done before. A worker (FailedPrecondition "can
-        only be performed on a control plane node" up to 1.12, Unimplemented "only available
-        on control plane nodes" from 1.13) and InvalidArgument (no etcd configured, 1.14)
-        never become possible: stop at once."""
+        FailedPrecondition "not available yet" / "time is not in sync yet" and plain errors
+        (Unknown, for example "failed to stop etcd: ...") become possible later: retried
+        with backoff until the deadline. AlreadyExists: done before. A worker
+        (FailedPrecondition "can only be performed on a control plane node" up to 1.12,
+        Unimplemented "only available on control plane nodes" from 1.13) and InvalidArgument
+        (no etcd configured, 1.14) never become possible: stop at once."""
         grpc = self._grpc
         call = self._channel.unary_unary(
             BOOTSTRAP_METHOD, request_serializer=lambda r: r, response_deserializer=lambda b: b
@@ -269,7 +335,8 @@ class Machined:
 
         def attempt() -> str:
             try:
-                call(bootstrap_request(), metadata=ROLE_METADATA, timeout=30)
+                timeout = max(min(30.0, deadline - time.monotonic()), 0.1)
+                call(bootstrap_request(), metadata=ROLE_METADATA, timeout=timeout)
             except grpc.RpcError as err:
                 if self._code(err) == grpc.StatusCode.ALREADY_EXISTS:
                     _log.info("etcd is already bootstrapped", detail=_details(err))
@@ -339,13 +406,11 @@ def _read_kubeconfig(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 # -- which node bootstraps etcd ----------------------------------------------------------------
 
 
-def is_this_node(host: str, node_hostname: str) -> bool:
-    """Whether `host` (a cluster endpoint's host) names this node: its hostname, loopback,
-    or an address assigned here. The container shares the host's network namespace
-    (extension.go, getOCIOptions: WithHostNamespace(network)), so binding to an address
-    succeeds exactly when the node holds it; nothing is sent anywhere."""
+def is_this_node(host: str, node_hostname: str, loopback: bool = True) -> bool:
+    """Whether `host` (a cluster endpoint's host) names this node: its hostname, loopback
+    (unless `loopback` is False), or only addresses assigned here."""
     name = host.strip("[]").rstrip(".").lower()
-    if name in ("localhost", node_hostname.lower(), node_hostname.lower().split(".")[0]):
+    if name == node_hostname.lower() or (loopback and name == "localhost"):
         return True
     try:
         addresses = [ipaddress.ip_address(name)]
@@ -355,19 +420,38 @@ def is_this_node(host: str, node_hostname: str) -> bool:
         except OSError:
             return False
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    return bool(addresses) and all(_assigned_here(a) for a in addresses)
+    local = local_addresses()
+    if not loopback:
+        local = {a for a in local if not a.is_loopback}
+    return bool(addresses) and all((loopback and a.is_loopback) or a in local for a in addresses)
 
 
-def _assigned_here(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if address.is_loopback:
-        return True
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError:
-            return False
-    return True
+def local_addresses(
+    proc_net: str = "/proc/net",
+) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses assigned on this node, from the kernel's own tables: the container
+    shares the host's network namespace (extension.go, getOCIOptions:
+    WithHostNamespace(network)). Not a bind() probe: with net.ipv4.ip_nonlocal_bind set
+    (common on HA sites) any address binds."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    last = ""
+    try:
+        with open(f"{proc_net}/fib_trie") as fib:  # "|-- A.B.C.D" then "/32 host LOCAL"
+            for line in fib:
+                text = line.strip()
+                if text.startswith("|-- "):
+                    last = text[4:]
+                elif text.startswith("/32 host LOCAL") and last:
+                    found.add(ipaddress.IPv4Address(last))
+    except OSError:
+        pass
+    try:
+        with open(f"{proc_net}/if_inet6") as inet6:  # 32 hex digits, then index and flags
+            for line in inet6:
+                found.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def bootstrap_etcd_if_needed(
@@ -382,6 +466,7 @@ def bootstrap_etcd_if_needed(
     `mode`: True (a single-node site: the cluster endpoint must be this node) or the
     hostname of the one control-plane node that bootstraps. Every decision is logged."""
     hostname = machined.hostname(deadline)
+    host = urlsplit(cluster_endpoint or "").hostname or ""
     if isinstance(mode, str):
         if hostname.lower() != mode.lower():
             _log.info(
@@ -391,8 +476,16 @@ def bootstrap_etcd_if_needed(
                 bootstrap_node=mode,
             )
             return
+        if is_this_node(host, hostname, loopback=False):
+            # A reinstalled bootstrap node would find nothing at its own address and start
+            # a second cluster beside the one the other nodes still run.
+            raise ConfigError(
+                f"talos.bootstrapEtcd.node: the cluster endpoint {cluster_endpoint} is this "
+                "node's own address; with several control-plane nodes use a VIP or load "
+                "balancer, so the agent can see a cluster already running; etcd was not "
+                "bootstrapped"
+            )
     else:
-        host = urlsplit(cluster_endpoint or "").hostname or ""
         if not is_this_node(host, hostname):
             raise ConfigError(
                 f"talos.bootstrapEtcd: true bootstraps a single-node site only, but the "

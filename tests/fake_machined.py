@@ -82,17 +82,20 @@ class FakeMachined:
     kubeconfig: bytes = b""
     hostname: str = "appliance"
     talos_version: tuple[int, int] = (1, 14)
-    # "controlplane", "worker", or None: machined has no config yet (early boot, maintenance).
-    machine_type: str | None = "controlplane"
-    machine_type_unset_for: int = 0  # the first N calls still find no machine type
+    machine_type: str = "controlplane"  # or "worker": what the machine config says
+    # Extension services start before machined has loaded its machine config (the boot
+    # sequence starts containerd before LoadConfig: runtime/v1alpha1/v1alpha1_sequencer.go,
+    # Initialize; maintenance mode waits there): the first N Kubeconfig calls find none.
+    config_after_calls: int = 0
     etcd_configured: bool = True  # the machine config has an etcd CA (control plane)
     bootstrap_not_allowed_for: int = 0  # first N Bootstrap calls: CRI not running yet
     time_unsynced_for: int = 0  # first N Bootstrap calls (past the checks before): no time sync
-    unattended_install_for: int = 0  # first N: an unattended install is still in progress
+    plain_error_for: int = 0  # first N: BootstrapEtcd fails with a plain Go error
     etcd_data: bool = False  # /var/lib/etcd not empty: bootstrapped before
     on_bootstrap: Callable[[], None] | None = None  # etcd started: what comes up with it
     on_call: Callable[[str], None] | None = None  # every call, by method name (test timing)
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)  # ServiceRestart ids
     bootstrap_calls_at: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,15 +128,21 @@ class FakeMachined:
 
     def authorize(self, name: str, context: Any) -> None:
         """machined's socket takes roles from the `talos-role` metadata (services/machined.go:
-        authz.Injector{Mode: MetadataOnly}); Bootstrap and Kubeconfig need os:admin, Hostname
-        any of admin, operator, reader (the rules in services/machined.go). A missing role:
+        authz.Injector{Mode: MetadataOnly}); the roles each method needs are the rules in
+        services/machined.go. A missing role:
         PermissionDenied "not authorized" (pkg/grpc/middleware/authz/authorizer.go)."""
         metadata = dict(context.invocation_metadata())
         with self._lock:
             self.calls.append((name, metadata))
         if self.on_call is not None:
             self.on_call(name)
-        allowed = {"os:admin"} if name != "Hostname" else {"os:admin", "os:operator", "os:reader"}
+        allowed = {
+            "Bootstrap": {"os:admin"},
+            "Kubeconfig": {"os:admin"},
+            "Hostname": {"os:admin", "os:operator", "os:reader"},
+            "ServiceList": {"os:admin", "os:operator", "os:reader"},
+            "ServiceRestart": {"os:admin", "os:operator"},
+        }[name]
         if metadata.get("talos-role") not in allowed:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "not authorized")
 
@@ -141,39 +150,81 @@ class FakeMachined:
         with self._lock:
             return sum(1 for n, _ in self.calls if n == name)
 
-    def check_controlplane(self, api: str, call_number: int, context: Any) -> None:
-        """internal/app/internal/machinehelper/machinehelper.go, CheckControlplane."""
-        if self.machine_type is None or call_number <= self.machine_type_unset_for:
+    def has_config(self) -> bool:
+        return self.config_after_calls == 0 or self._count("Kubeconfig") > self.config_after_calls
+
+    def check_controlplane(self, api: str, context: Any) -> None:
+        """Without a machine config: 1.13+ machinehelper.CheckControlplane finds the
+        MachineType resource, which controllers/config/machine_type.go (MachineTypeController)
+        writes as unknown from the start, so a node without config answers like a worker;
+        up to 1.12 Server.checkControlplane calls Config().Machine() on a nil config, and the
+        panic comes back as Internal (pkg/grpc/factory/factory.go, recoveryHandler)."""
+        if not self.has_config() and self.talos_version < (1, 13):
             context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"machine type is not set, cannot use {api} API"
+                grpc.StatusCode.INTERNAL,
+                "runtime error: invalid memory address or nil pointer dereference",
             )
-        if self.machine_type != "controlplane":
+        if not self.has_config() or self.machine_type != "controlplane":
             context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, f"{api} is only available on control plane nodes"
             )
 
+    def services(self) -> list[str]:
+        """The services machined has loaded (system.Services(r).List()): the early ones and
+        this extension always; with a machine config, kubelet (controllers/k8s/
+        kubelet_service.go, KubeletServiceController), and on a control plane trustd and
+        etcd (v1alpha1_sequencer_tasks.go, StartAllServices)."""
+        loaded = ["apid", "containerd", "machined", "udevd", "ext-alga-bootstrap"]
+        if self.has_config():
+            loaded += ["cri", "kubelet"]
+            if self.machine_type == "controlplane":
+                loaded += ["etcd", "trustd"]
+        return sorted(loaded)
+
 
 class _Servicer:
-    """The three methods the agent calls."""
+    """The methods the agent calls."""
 
     def __init__(self, node: FakeMachined) -> None:
         self.node = node
 
     def Kubeconfig(self, request: Any, context: Any) -> Any:
-        """v1alpha1_server.go, Server.Kubeconfig: CheckControlplane, then ONE common.Data
-        whose bytes are the tar.gz (no metadata on the local socket)."""
+        """v1alpha1_server.go, Server.Kubeconfig: the control-plane check, then ONE
+        common.Data whose bytes are the tar.gz (no metadata on the local socket)."""
         node = self.node
         node.authorize("Kubeconfig", context)
-        node.check_controlplane("kubeconfig", node._count("Kubeconfig"), context)
+        node.check_controlplane("kubeconfig", context)
         _, _, common_pb2 = talos_api()
         yield common_pb2.Data(bytes=kubeconfig_archive(node.kubeconfig))
 
     def Hostname(self, request: Any, context: Any) -> Any:
-        """v1alpha1_monitoring.go, Server.Hostname: os.Hostname() of machined (the node)."""
+        """v1alpha1_monitoring.go, Server.Hostname: os.Hostname() of machined, the kernel
+        hostname: the first label of machine.network.hostname (network/hostname_spec.go)."""
         node = self.node
         node.authorize("Hostname", context)
         pb = node._pb
         return pb.HostnameResponse(messages=[pb.Hostname(hostname=node.hostname)])
+
+    def ServiceList(self, request: Any, context: Any) -> Any:
+        """v1alpha1_server.go, Server.ServiceList: every loaded service, as ServiceInfo."""
+        node = self.node
+        node.authorize("ServiceList", context)
+        pb = node._pb
+        infos = [pb.ServiceInfo(id=name, state="Running") for name in node.services()]
+        return pb.ServiceListResponse(messages=[pb.ServiceList(services=infos)])
+
+    def ServiceRestart(self, request: Any, context: Any) -> Any:
+        """v1alpha1_server.go, Server.ServiceRestart -> system.APIRestart: an unknown id is
+        a plain error (Unknown) "service %q not defined"; otherwise Stop, then Start."""
+        node = self.node
+        node.authorize("ServiceRestart", context)
+        if request.id not in node.services():
+            context.abort(grpc.StatusCode.UNKNOWN, f"service {request.id!r} not defined")
+        node.restarted.append(request.id)
+        pb = node._pb
+        return pb.ServiceRestartResponse(
+            messages=[pb.ServiceRestart(resp=f'Service "{request.id}" restarted')]
+        )
 
     def Bootstrap(self, request: Any, context: Any) -> Any:
         """v1alpha1_server.go, Server.Bootstrap, its checks in Talos's order."""
@@ -182,12 +233,13 @@ class _Servicer:
         assert not request.recover_etcd and not request.recover_skip_hash_check
         number = node._count("Bootstrap")
         node.bootstrap_calls_at.append(time.monotonic())
-        # Runtime.IsBootstrapAllowed (v1alpha1_runtime.go): CRI running and healthy.
-        if number <= node.bootstrap_not_allowed_for:
+        # Runtime.IsBootstrapAllowed (v1alpha1_runtime.go): CRI running and healthy (and, from
+        # 1.14, no unattended install before its reboot, no reboot pending).
+        if number <= node.bootstrap_not_allowed_for or not node.has_config():
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "bootstrap is not available yet")
         if node.talos_version >= (1, 13):
-            node.check_controlplane("bootstrap", number, context)
-            # 1.14 (after v1.14.0-beta): no etcd CA in the machine config is terminal.
+            node.check_controlplane("bootstrap", context)
+            # 1.14 (v1.14.0-rc.1): no etcd CA in the machine config is terminal.
             if node.talos_version >= (1, 14) and not node.etcd_configured:
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -203,12 +255,9 @@ class _Servicer:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "time is not in sync yet")
         if node.etcd_data:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "etcd data directory is not empty")
-        # services/etcd.go, BootstrapEtcd: a plain error, which gRPC sends as Unknown.
-        if number <= node.unattended_install_for:
-            context.abort(
-                grpc.StatusCode.UNKNOWN,
-                "bootstrap is not allowed during unattended install (phase: installing)",
-            )
+        # services/etcd.go, BootstrapEtcd: plain Go errors, which gRPC sends as Unknown.
+        if number <= node.plain_error_for:
+            context.abort(grpc.StatusCode.UNKNOWN, "failed to stop etcd: context deadline exceeded")
         node.etcd_data = True
         if node.on_bootstrap is not None:
             node.on_bootstrap()

@@ -36,7 +36,7 @@ from tests.conftest import (
 from tests.fake_machined import FakeMachined, kubeconfig_archive, talos_api
 
 CLOSED_ENDPOINT = "https://127.0.0.2:9"  # the cluster endpoint of a node whose API is down
-REMOTE_ENDPOINT = "https://192.0.2.10:6443"  # a VIP elsewhere (TEST-NET-1; never contacted)
+REMOTE_ENDPOINT = "https://198.51.100.10:6443"  # a VIP elsewhere (TEST-NET-2; never contacted)
 
 
 @pytest.fixture
@@ -167,15 +167,18 @@ def test_kubeconfig_from_machined_completes_a_run(
     assert not any(e.get("endpoint") == CLOSED_ENDPOINT for e in result.events())
 
 
-def test_machined_starting_and_early_boot_are_waited_for(
-    kubesim: KubeSim, write_config: Any, tmp_path: Path
+@pytest.mark.parametrize("version", [(1, 12), (1, 14)])
+def test_a_machine_config_that_arrives_late_restarts_the_service(
+    kubesim: KubeSim, write_config: Any, tmp_path: Path, version: tuple[int, int]
 ) -> None:
-    # No socket yet when the agent starts; then machined has no machine type for two calls.
+    # No socket yet when the agent starts; then machined has no machine config for two
+    # calls (Internal up to 1.12, the worker's answer from 1.13); then it has one.
     kubeconfig = kubesim.client_cert_kubeconfig()
     node = FakeMachined(
         str(tmp_path / "machine.sock"),
         yaml.safe_dump(kubeconfig).encode(),
-        machine_type_unset_for=2,
+        talos_version=version,
+        config_after_calls=2,
     )
     config = talos_config(write_config, kubesim, node)
     agent = subprocess.Popen(
@@ -198,10 +201,27 @@ def test_machined_starting_and_early_boot_are_waited_for(
         node.stop()
     result = Result(agent.returncode, first_wait + out, err)
     assert result.code == 0, result.output
-    assert node.names() == ["Kubeconfig"] * 3
+    assert node.names().count("Kubeconfig") == 3
     waits = [e for e in result.events() if e["event"] == "machined not ready yet"]
-    assert {e["code"] for e in waits} == {"UNAVAILABLE", "UNIMPLEMENTED"}, result.output
-    assert any("machine type is not set" in e["detail"] for e in waits)
+    no_config = "INTERNAL" if version < (1, 13) else "UNIMPLEMENTED"
+    assert waits[0]["code"] == "UNAVAILABLE"
+    assert {e["code"] for e in waits} == {"UNAVAILABLE", no_config}, result.output
+    # Its mounts were decided without the config: Talos starts it afresh, nothing written.
+    assert node.restarted == ["ext-alga-bootstrap"]
+    assert result.events()[-1]["event"] == talos.RestartedForConfig.event
+    assert kubesim.requests == []
+
+
+def test_maintenance_mode_is_waited_out_without_writing(
+    kubesim: KubeSim, machined_factory: Any, write_config: Any, tmp_path: Path
+) -> None:
+    node = machined_factory(kubesim, config_after_calls=10**6)  # no machine config at all
+    config = talos_config(write_config, kubesim, node)
+    result = run_on_node(config, tmp_path, "--timeout", "3s")
+    assert result.code == 1, result.output  # Talos retries; it restarts itself once it has one
+    assert "Talos has no machine config yet" in result.stderr
+    assert "ServiceList" in node.names() and node.restarted == []
+    assert kubesim.requests == []
 
 
 def test_a_worker_node_has_nothing_to_do(
@@ -210,24 +230,9 @@ def test_a_worker_node_has_nothing_to_do(
     node = machined_factory(kubesim, machine_type="worker")
     result = run_on_node(talos_config(write_config, kubesim, node), tmp_path)
     assert result.code == 0, result.output  # Talos marks the service Finished
-    assert node.names() == ["Kubeconfig"]
+    assert node.names() == ["Kubeconfig", "ServiceList"]  # kubelet runs: a config is loaded
     assert result.stderr == ""
     assert [e["event"] for e in result.events()][-1].startswith("this is a worker node")
-    assert kubesim.requests == []
-
-
-def test_maintenance_mode_waits_for_a_new_start_with_the_config(
-    kubesim: KubeSim, machined_factory: Any, write_config: Any, tmp_path: Path
-) -> None:
-    # No machine config at all: Talos starts the service again once it has one (with its
-    # ExtensionServiceConfig mounted), so this run must not go on with what it has now.
-    node = machined_factory(kubesim, machine_type=None)
-    config = talos_config(write_config, kubesim, node)
-    result = run_on_node(config, tmp_path, "--timeout", "3s")
-    assert result.code == 0, result.output
-    assert result.events()[-1]["event"] == "nothing to do before Talos has its machine config"
-    assert "maintenance mode" in result.events()[-1]["detail"]
-    assert len(node.names()) >= 2
     assert kubesim.requests == []
 
 
@@ -283,17 +288,15 @@ def slow_node(
 
 
 def test_bootstrap_waits_until_talos_allows_it(slow_node: Any) -> None:
-    # CRI not up yet, then time not in sync, then an unattended install still running.
-    node, result = slow_node(
-        bootstrap_not_allowed_for=1, time_unsynced_for=2, unattended_install_for=3
-    )
+    # CRI not up yet, then time not in sync, then a plain error from BootstrapEtcd.
+    node, result = slow_node(bootstrap_not_allowed_for=1, time_unsynced_for=2, plain_error_for=3)
     assert result.code == 0, result.output
     assert node.names().count("Bootstrap") == 4
     assert all(md["talos-role"] == "os:admin" for _, md in node.calls)
     events = result.events()
     waits = [e for e in events if e["event"] == "etcd bootstrap not possible yet; retrying"]
     assert [w["code"] for w in waits] == ["FAILED_PRECONDITION", "FAILED_PRECONDITION", "UNKNOWN"]
-    assert "unattended install" in waits[-1]["detail"]
+    assert "failed to stop etcd" in waits[-1]["detail"]
     assert "cluster endpoint does not answer; this node creates the cluster" in [
         e["event"] for e in events
     ]
@@ -378,6 +381,18 @@ def test_single_node_bootstrap_is_refused_on_a_multi_node_site(slow_node: Any) -
     assert "{node: <hostname>}" in result.stderr
 
 
+def test_the_named_node_refuses_an_endpoint_that_is_its_own_address(slow_node: Any) -> None:
+    own = [a for a in talos.local_addresses() if a.version == 4 and not a.is_loopback]
+    if not own:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    node, result = slow_node(
+        bootstrap={"node": "appliance"}, cluster_endpoint=f"https://{own[0]}:6443", api_after_s=30
+    )
+    assert result.code == 2
+    assert "Bootstrap" not in node.names()
+    assert "this node's own address" in result.stderr and "VIP" in result.stderr
+
+
 def test_only_the_named_node_bootstraps(slow_node: Any) -> None:
     node, result = slow_node(bootstrap={"node": "cp-1"}, hostname="cp-2", api_after_s=3)
     assert result.code == 0, result.output
@@ -456,6 +471,9 @@ def test_bootstrap_etcd_takes_false_true_or_one_node(write_config: Any, tmp_path
     assert "talos.bootstrapEtcd" in result.stderr and "{node: HOSTNAME}" in result.stderr
     data["talos"] = {"bootstrapEtcd": {"node": "cp-1"}}
     assert run_agent("validate", "--config", str(write_config(data))).code == 0
+    data["talos"] = {"bootstrapEtcd": {"node": "cp-1.example.com"}}  # machined: the short name
+    result = run_agent("validate", "--config", str(write_config(data)))
+    assert result.code == 2 and "short hostname" in result.stderr
     data["talos"] = {"bootstrapEtcd": {"nodes": "cp-1"}}
     result = run_agent("validate", "--config", str(write_config(data)))
     assert result.code == 2 and "talos.bootstrapEtcd" in result.stderr
