@@ -9,6 +9,7 @@ import io
 import itertools
 import math
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -170,13 +171,16 @@ def test_kubeconfig_from_machined_completes_a_run(
 def test_machined_starting_and_early_boot_are_waited_for(
     kubesim: KubeSim, write_config: Any, tmp_path: Path
 ) -> None:
-    # No socket yet when the agent starts; then machined has no machine type for two calls.
+    # The socket is there but nothing answers yet (an absent socket fails at once: not a
+    # Talos node, tests/test_workstation.py); then machined has no machine type for two calls.
     kubeconfig = kubesim.client_cert_kubeconfig()
     node = FakeMachined(
         str(tmp_path / "machine.sock"),
         yaml.safe_dump(kubeconfig).encode(),
         machine_type_unset_for=2,
     )
+    silent = socket.socket(socket.AF_UNIX)  # bound, not listening: connections refused
+    silent.bind(node.socket_path)
     config = talos_config(write_config, kubesim, node)
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--config", str(config), "--log-format", "json"],
@@ -191,6 +195,8 @@ def test_machined_starting_and_early_boot_are_waited_for(
     while '"machined not ready yet"' not in first_wait:
         first_wait = agent.stdout.readline()
         assert first_wait, agent.stderr.read() if agent.stderr else ""
+    silent.close()
+    os.unlink(node.socket_path)
     node.start()
     try:
         out, err = agent.communicate(timeout=60)
