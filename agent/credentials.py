@@ -31,7 +31,8 @@ def check_machined_socket(config: Config, kubeconfig: Path | None, context: str 
     if not is_socket:
         raise ConfigError(
             f"cluster.credentials: talos, but there is no machined socket at {path} (not a "
-            "Talos node?); pass --kubeconfig PATH, or set cluster.credentials: kubeconfig"
+            "Talos node?); pass --kubeconfig PATH (or --context NAME from $KUBECONFIG), or set "
+            "cluster.credentials: kubeconfig"
         )
 
 
