@@ -349,11 +349,11 @@ def render_text(report: Obj, colour: bool) -> str:
     else:
         lines.append("  Last run     none recorded")
     if report["state"] == NOT_BOOTSTRAPPED:
-        lines.append(
-            "nothing bootstrapped yet: on a Talos node the boot service runs it (talosctl -n "
-            "<node> logs ext-alga-bootstrap); elsewhere run `alga-bootstrap run`; follow it "
-            "with `alga-bootstrap status --watch`"
-        )
+        lines += [
+            "nothing bootstrapped yet: on a Talos node the boot service runs it",
+            "  (talosctl -n <node> logs ext-alga-bootstrap); elsewhere run `alga-bootstrap run`;",
+            "  follow it with `alga-bootstrap status --watch`",
+        ]
     lines.append(f"state: {report['state']}")
     return "\n".join(lines)
 
@@ -389,12 +389,12 @@ def main(
 
 def _watch(look: Callable[[], Obj], output: str) -> int:
     """Look again until ready or failed, or Ctrl-C (then the exit code of the last look), as
-    `flux get --watch`. On a terminal the text is redrawn in place; otherwise (and for JSON,
+    `flux get --watch`. On a terminal the screen is redrawn; otherwise (and for JSON,
     one line each) a new answer is printed only when something changed. Looks again 0.5 s
     after a change, backing off to every WATCH_POLL_MAX_S while nothing changes. An
     unreachable API is waited for: a first boot starts before it."""
     tty = output == "text" and sys.stdout.isatty()
-    last: Obj = {"key": None, "lines": 0, "report": None, "unchanged": 0}
+    last: Obj = {"key": None, "report": None, "unchanged": 0}
 
     def done() -> bool:
         report = look()
@@ -404,10 +404,9 @@ def _watch(look: Callable[[], Obj], output: str) -> int:
                 text = json.dumps(report, sort_keys=True)
             else:
                 text = render_text(report, colour=tty)
-            if tty and last["lines"]:
-                sys.stdout.write(f"\033[{last['lines']}F\033[J")  # up, and clear below
+            if tty:  # redraw from the top left, whatever the lines wrapped to
+                sys.stdout.write("\033[H\033[2J")
             print(text if tty or output == "json" else f"{text}\n", flush=True)
-            last["lines"] = text.count("\n") + 1
         last["unchanged"] = last["unchanged"] + 1 if key == last["key"] else 0
         last["key"], last["report"] = key, report
         return report["state"] in (READY, FAILED) and report["api"]["reachable"]
