@@ -1,4 +1,5 @@
-"""Command line: run, validate, version. One-line errors, documented exit codes."""
+"""Command line: run, status, validate, images, completion, version. One-line errors,
+documented exit codes, and help that ends with real examples."""
 
 from __future__ import annotations
 
@@ -33,6 +34,59 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+# Each command's help ends with these: a Talos node, a systemd host, a workstation.
+EXAMPLES = {
+    "run": """
+  # Talos node: the extension service runs `alga-bootstrap run`; run it again with
+  talosctl -n 10.0.0.10 service ext-alga-bootstrap restart
+  # systemd host, by hand as root (the unit: systemctl restart alga-bootstrap)
+  alga-bootstrap run --config /etc/alga-bootstrap/config.yaml \\
+    --kubeconfig /etc/alga-bootstrap/kubeconfig
+  # workstation: what would a re-run change on the appliance of context admin@site-a?
+  alga-bootstrap run --config site.yaml --context admin@site-a --dry-run""",
+    "status": """
+  # Talos node, from a workstation: fetch its admin kubeconfig, follow the first boot
+  talosctl -n 10.0.0.10 kubeconfig admin.kubeconfig
+  alga-bootstrap status --config site.yaml --kubeconfig admin.kubeconfig --watch
+  # systemd host
+  alga-bootstrap status --config /etc/alga-bootstrap/config.yaml \\
+    --kubeconfig /etc/alga-bootstrap/kubeconfig
+  # workstation with several appliances in $KUBECONFIG: one of them, for a script
+  alga-bootstrap status --config site.yaml --context admin@site-a -o json""",
+    "validate": """
+  # Talos node: check a site config before it goes into the ExtensionServiceConfig
+  alga-bootstrap validate --config site.yaml
+  # systemd host
+  alga-bootstrap validate --config /etc/alga-bootstrap/config.yaml
+  # workstation: a newer Flux bundle, before baking it (its sha256 goes in flux.sha256)
+  alga-bootstrap validate --config site.yaml --flux-manifests gotk-components.yaml""",
+    "images": """
+  # Talos node: an image cache for an air-gapped site
+  alga-bootstrap images --config site.yaml | \\
+    talosctl images cache-create --image-cache-path image-cache.oci --images=-
+  # systemd host (k3s): pull them ahead
+  alga-bootstrap images --config /etc/alga-bootstrap/config.yaml | xargs -n1 k3s crictl pull
+  # workstation: what the built-in Alga preset needs
+  alga-bootstrap images""",
+    "completion": """
+  # bash, for everyone on a systemd host
+  alga-bootstrap completion bash > /etc/bash_completion.d/alga-bootstrap
+  # bash, this shell only (a workstation)
+  source <(alga-bootstrap completion bash)
+  # zsh: a file named _alga-bootstrap in a directory on $fpath
+  alga-bootstrap completion zsh > ~/.zfunc/_alga-bootstrap""",
+    "version": """
+  # systemd host or workstation
+  alga-bootstrap version
+  # from a checkout of this repository
+  python -m agent version""",
+}
+
+
+def _epilog(command: str) -> str:
+    return f"{EXIT_CODES_HELP}\n\nexamples:{EXAMPLES[command]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alga-bootstrap",
@@ -52,16 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(
             name,
             help=help_text,
-            epilog=EXIT_CODES_HELP,
+            epilog=_epilog(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if name in ("completion", "version"):
+            return cmd
         cmd.add_argument("--config", type=Path, help=config_help)
         if cluster:
             cmd.add_argument(
                 "--kubeconfig",
                 type=Path,
-                help="kubeconfig file (default: "
-                "cluster credentials from the config, else $KUBECONFIG)",
+                help="one kubeconfig file (default: cluster credentials from the config, "
+                "else $KUBECONFIG, a list of files merged as kubectl does, else ~/.kube/config)",
+            )
+            cmd.add_argument(
+                "--context",
+                help="the kubeconfig context to use (default: its current-context); "
+                "implies kubeconfig credentials",
             )
         return cmd
 
@@ -102,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "where the bootstrap and Flux stand (reads only)", cluster=True)
     status.add_argument("--flux-manifests", type=Path, help="the bundled Flux to compare with")
     status.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    status.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="look again until ready or failed (Ctrl-C stops): redrawn on a terminal, "
+        "otherwise printed when it changes",
+    )
+    status.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=parse_duration("5s"),
+        help="how long to wait for the API on each look (default 5s)",
+    )
 
     command(
         "images",
@@ -109,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`talosctl images cache-create --images=-`)",
     )
 
-    sub.add_parser("version", help="print the agent version and the Flux version it pins")
+    completion = command("completion", "print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    command("version", "print the agent version and the Flux version it pins")
     return parser
 
 
@@ -150,20 +226,40 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print("\n".join(first_boot_images(config_module.load(args.config))))
         return EXIT_OK
+    if args.command == "completion":
+        from agent.completion import script
+
+        print(script(args.shell, build_parser()))
+        return EXIT_OK
+    from agent import config as config_module
+    from agent.credentials import check_machined_socket
+
+    # run and status: off a Talos node, say so before the Kubernetes client is imported.
+    config = config_module.load(args.config)
+    check_machined_socket(config, args.kubeconfig, args.context)
     if args.command == "status":
         from agent import status
 
-        return status.main(args.config, args.kubeconfig, args.flux_manifests, args.output)
+        return status.main(
+            config,
+            args.kubeconfig,
+            args.flux_manifests,
+            args.output,
+            args.context,
+            args.timeout,
+            args.watch,
+        )
     from agent.run import RunOptions, run
 
     results = run(
         RunOptions(
-            args.config,
+            config,
             args.kubeconfig,
             args.flux_manifests,
             args.timeout,
             args.force,
             args.dry_run,
+            args.context,
         )
     )
     if args.dry_run:

@@ -7,13 +7,15 @@ EXIT_FAILED = 1  # a re-run may succeed: API never ready, timeout, Flux reports 
 EXIT_BAD_INPUT = 2  # bad config, bundle or usage; nothing was changed
 EXIT_NEEDS_DECISION = 3  # the cluster holds something only an operator may overrule (--force)
 EXIT_PROGRESSING = 4  # `status` only: things are still rolling out
+EXIT_NOT_BOOTSTRAPPED = 5  # `status` only: no run has finished yet, and none is running
 
 EXIT_CODES_HELP = """exit codes:
   0  done, or nothing to do
   1  failed; a re-run may succeed (API never ready, timeout, Flux reported a failure)
   2  bad config, bundle or usage; nothing was changed
   3  needs an operator decision; re-run with --force after reading the message
-  4  (status) still progressing"""
+  4  (status) still progressing
+  5  (status) not bootstrapped yet: no run has finished, none is running"""
 
 
 class BootstrapError(Exception):

@@ -11,7 +11,7 @@ import base64
 import copy
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,6 @@ import urllib3
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
-from kubernetes.config.config_exception import ConfigException
-from kubernetes.config.kube_config import load_kube_config_from_dict
 
 from agent import log
 from agent.errors import BootstrapError, ConfigError
@@ -115,65 +113,152 @@ _retry = tenacity.retry(
 )
 
 
-def load_kubeconfig(path: Path) -> k8s.Configuration:
-    """Parse a kubeconfig file into client settings; a broken one is a config error."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
+def load_kubeconfig(paths: Sequence[Path], context: str | None = None) -> k8s.Configuration:
+    """Kubeconfig files as kubectl reads them (client-go tools/clientcmd/loader.go,
+    ClientConfigLoadingRules.Load): in order, a missing file skipped (all missing is an error),
+    the first file to name a cluster, user or context wins that entry whole,
+    current-context comes from the first file that sets it, and relative file references
+    resolve against the file they are in (ResolveLocalPaths). The merged result goes through
+    configuration_in_memory, so inline key material never touches a disk."""
+    source = str(paths[0]) if len(paths) == 1 else "KUBECONFIG=" + os.pathsep.join(map(str, paths))
+    merged: Obj = {"clusters": [], "users": [], "contexts": [], "current-context": None}
+    missing = []
+    for path in dict.fromkeys(paths):  # a path listed twice is read once (loader.go deduplicate)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}  # an empty file is an empty config
+        except FileNotFoundError:
+            missing.append(str(path))
+            continue
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read kubeconfig ({err.strerror})") from None
+        except yaml.YAMLError:
+            raise ConfigError(f"{path}: kubeconfig is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: kubeconfig must be a YAML mapping")
+        _merge_kubeconfig(merged, data, path)
+    if len(missing) == len(dict.fromkeys(paths)):
         raise ConfigError(
-            f"{path}: cannot read kubeconfig ({err.strerror}); pass --kubeconfig "
-            "or set cluster.kubeconfig"
-        ) from None
-    except Exception:
-        raise ConfigError(f"{path}: kubeconfig is not valid YAML") from None
-    return configuration_from_dict(data, str(path))
+            f"{source}: cannot read kubeconfig (no such file); pass --kubeconfig PATH, "
+            "set cluster.kubeconfig, or set KUBECONFIG"
+        )
+    configuration, _ = configuration_in_memory(merged, source, context)
+    return configuration
 
 
-def configuration_in_memory(kubeconfig: bytes, source: str) -> tuple[k8s.Configuration, str]:
-    """Client settings from a kubeconfig that must never touch a disk (machined's admin
-    kubeconfig): certificates and key go to anonymous in-memory files (memfd), open for the
-    life of the process. Returns the settings and the kubeconfig's own server."""
+# File references in kubeconfig entries, resolved against their file (loader.go,
+# GetClusterFileReferences and GetAuthInfoFileReferences).
+_FILE_REFERENCES = {
+    "clusters": ("cluster", ("certificate-authority",)),
+    "users": ("user", ("client-certificate", "client-key", "tokenFile")),
+    "contexts": ("context", ()),
+}
+
+
+def _merge_kubeconfig(merged: Obj, data: Obj, path: Path) -> None:
+    """Add one file's entries to `merged`: an entry whose name is already there is skipped
+    whole, as client-go's merge never changes a map key once set."""
+    base = path.absolute().parent
+    for kind, (body_key, references) in _FILE_REFERENCES.items():
+        entries = data.get(kind) or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"{path}: kubeconfig {kind} must be a list")
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ConfigError(f"{path}: every entry of {kind} needs a name")
+            if any(known["name"] == entry["name"] for known in merged[kind]):
+                continue
+            body = dict(entry.get(body_key) or {})
+            for reference in references:
+                if body.get(reference):
+                    body[reference] = str(base / body[reference])  # an absolute one stays
+            merged[kind].append({"name": entry["name"], body_key: body, "origin": str(path)})
+    merged["current-context"] = merged["current-context"] or data.get("current-context")
+
+
+def configuration_in_memory(
+    kubeconfig: bytes | Obj, source: str, context: str | None = None
+) -> tuple[k8s.Configuration, str]:
+    """Client settings from a kubeconfig whose key material must never touch a disk
+    (machined's admin kubeconfig, or files merged by load_kubeconfig): certificates and keys
+    given inline go to anonymous in-memory files (memfd), open for the life of the process.
+    Uses `context`, else the current context. Returns the settings and the context's server."""
     try:
-        data = yaml.safe_load(kubeconfig)
-        contexts = {c["name"]: c["context"] for c in data["contexts"]}
-        context = contexts[data.get("current-context") or next(iter(contexts))]
-        cluster = next(c["cluster"] for c in data["clusters"] if c["name"] == context["cluster"])
-        user = next(u["user"] for u in data["users"] if u["name"] == context["user"])
-        server = cluster["server"]
-    except (yaml.YAMLError, KeyError, TypeError, StopIteration, AttributeError):
-        raise BootstrapError(f"{source}: not a usable kubeconfig") from None
+        data = yaml.safe_load(kubeconfig) if isinstance(kubeconfig, bytes) else kubeconfig
+        named = {
+            kind: {entry["name"]: entry for entry in data.get(kind) or []}
+            for kind in ("clusters", "users", "contexts")
+        }
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{source}: not a usable kubeconfig") from None
+    contexts = named["contexts"]
+    known = ", ".join(sorted(contexts)) or "none"
+    name = context or data.get("current-context")
+    if not name and len(contexts) == 1:
+        name = next(iter(contexts))
+    if not name:
+        raise ConfigError(f"{source}: no current-context; pass --context NAME (contexts: {known})")
+    if name not in contexts:
+        raise ConfigError(f'{source}: context "{name}" not found; contexts: {known}')
+    origin = contexts[name].get("origin", source)
+    where = f'{origin}: context "{name}"'
+    chosen = contexts[name].get("context") or {}
+    cluster = named["clusters"].get(chosen.get("cluster"), {}).get("cluster")
+    if not cluster or not cluster.get("server"):
+        raise ConfigError(f'{where}: cluster "{chosen.get("cluster")}" is missing or has no server')
+    user: Obj = {}
+    if chosen.get("user"):
+        found = named["users"].get(chosen["user"])
+        if found is None:
+            raise ConfigError(f'{where}: user "{chosen["user"]}" is not in the kubeconfig')
+        user = found.get("user") or {}
+    unsupported = sorted({"exec", "auth-provider", "username", "password"} & set(user))
+    if unsupported:
+        raise ConfigError(
+            f'{where}: user "{chosen["user"]}" authenticates with {", ".join(unsupported)}, '
+            "which alga-bootstrap does not take; use a client certificate or a token "
+            "(talosctl kubeconfig gives one)"
+        )
     configuration = k8s.Configuration()
-    configuration.host = server
-    if cluster.get("certificate-authority-data"):
-        configuration.ssl_ca_cert = _memory_file("ca", cluster["certificate-authority-data"])
-    if user.get("client-certificate-data") and user.get("client-key-data"):
-        log.register_secret(base64.b64decode(user["client-key-data"]))
-        log.register_secret(user["client-key-data"])
-        configuration.cert_file = _memory_file("cert", user["client-certificate-data"])
-        configuration.key_file = _memory_file("key", user["client-key-data"])
-    if user.get("token"):
-        log.register_secret(user["token"])
-        configuration.api_key = {"authorization": f"Bearer {user['token']}"}
-    return configuration, server
+    configuration.host = cluster["server"]
+    configuration.verify_ssl = not cluster.get("insecure-skip-tls-verify", False)
+    if cluster.get("tls-server-name"):
+        configuration.tls_server_name = cluster["tls-server-name"]
+    configuration.ssl_ca_cert = _material(where, "ca", cluster, "certificate-authority")
+    configuration.cert_file = _material(where, "cert", user, "client-certificate")
+    configuration.key_file = _material(where, "key", user, "client-key", secret=True)
+    token = user.get("token")
+    if not token and user.get("tokenFile"):
+        token = _read_reference(where, user["tokenFile"]).decode().strip()
+    if token:
+        log.register_secret(token)
+        configuration.api_key = {"authorization": f"Bearer {token}"}
+    return configuration, str(cluster["server"])
+
+
+def _material(where: str, name: str, entry: Obj, field: str, secret: bool = False) -> str | None:
+    """A certificate or key: inline data into an in-memory file; a file reference as is."""
+    if entry.get(f"{field}-data"):
+        if secret:
+            log.register_secret(entry[f"{field}-data"])
+            log.register_secret(base64.b64decode(entry[f"{field}-data"]))
+        return _memory_file(name, entry[f"{field}-data"])
+    if entry.get(field):
+        _read_reference(where, entry[field])  # unreadable: a one-line error now, not a TLS one
+        return str(entry[field])
+    return None
+
+
+def _read_reference(where: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read {path} ({err.strerror})") from None
 
 
 def _memory_file(name: str, base64_data: str) -> str:
     fd = os.memfd_create(f"alga-bootstrap-{name}", os.MFD_CLOEXEC)
     os.write(fd, base64.b64decode(base64_data))
     return f"/proc/{os.getpid()}/fd/{fd}"
-
-
-def configuration_from_dict(data: Any, source: str) -> k8s.Configuration:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: kubeconfig must be a YAML mapping")
-    configuration = k8s.Configuration()
-    try:
-        load_kube_config_from_dict(data, client_configuration=configuration, persist_config=False)
-    except (ConfigException, KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: kubeconfig is unusable: {err}") from None
-    for value in (configuration.api_key or {}).values():
-        log.register_secret(value.removeprefix("Bearer "))
-    return configuration
 
 
 class Kube:

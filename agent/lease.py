@@ -45,6 +45,16 @@ def _parse(text: str | None) -> dt.datetime | None:
     return None
 
 
+def active_holder(lease: Obj | None) -> str | None:
+    """Who holds the lease now: a holder that renewed it within its duration, else None."""
+    spec = (lease or {}).get("spec", {})
+    renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+    if not spec.get("holderIdentity") or renewed is None:
+        return None
+    expired = (_now() - renewed).total_seconds() > spec.get("leaseDurationSeconds", 0)
+    return None if expired else str(spec["holderIdentity"])
+
+
 class RunLease:
     def __init__(
         self, kube: Kube, namespace: str, name: str, duration_s: int, deadline_in_s: float

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -15,7 +14,8 @@ from agent import config as config_module
 from agent import log, talos
 from agent.context import RunContext
 from agent.converge import StepResult
-from agent.errors import BootstrapError, ConfigError
+from agent.credentials import from_machined, kubeconfig_paths
+from agent.errors import BootstrapError
 from agent.kube import Kube, configuration_in_memory, load_kubeconfig, tls_settings
 from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
@@ -32,12 +32,13 @@ STEPS = (
 
 @dataclass(frozen=True)
 class RunOptions:
-    config_path: Path | None
+    config: config_module.Config
     kubeconfig: Path | None
     flux_manifests: Path | None
     timeout_s: float
     force: bool
     dry_run: bool = False
+    context: str | None = None  # a kubeconfig context, as kubectl's --context
 
 
 def _file_digest(source: str) -> str | None:
@@ -55,14 +56,16 @@ def connect(
     kubeconfig: Path | None,
     deadline: float,
     read_only: bool = False,
+    context: str | None = None,
 ) -> Kube:
-    """Credentials (a kubeconfig file, or machined's admin kubeconfig on a Talos node), then
-    wait until an endpoint is ready, bootstrapping etcd if configured and needed. `status`
-    is read-only: it never bootstraps nor restarts the service. Raises NothingToDoHere on a
-    worker, or when the service must start afresh for a machine config that came late."""
+    """Credentials (kubeconfig files, or machined's admin kubeconfig on a Talos node: the
+    caller has checked its socket with credentials.check_machined_socket), then wait until an
+    endpoint is ready, bootstrapping etcd if configured and needed. `status` is read-only: it
+    never bootstraps nor restarts the service. Raises NothingToDoHere on a worker, or when
+    the service must start afresh for a machine config that came late."""
     machined = None
     cluster_endpoint = None
-    if kubeconfig is None and config.cluster.credentials == "talos":
+    if from_machined(config, kubeconfig, context):
         machined = talos.Machined(config.talos.socket)
         raw = machined.kubeconfig(deadline)
         if machined.config_arrived_late and not read_only:
@@ -72,17 +75,7 @@ def connect(
         client_config, cluster_endpoint = configuration_in_memory(raw, "machined's kubeconfig")
         endpoints = list(config.cluster.endpoints or config_module.TALOS_ENDPOINTS)
     else:
-        path = (
-            kubeconfig
-            or config.cluster.kubeconfig
-            or (Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None)
-        )
-        if path is None:
-            raise ConfigError(
-                f"{config.source}: cluster.kubeconfig: no credentials; pass "
-                "--kubeconfig PATH, set cluster.kubeconfig, or set KUBECONFIG"
-            )
-        client_config = load_kubeconfig(path)
+        client_config = load_kubeconfig(kubeconfig_paths(config, kubeconfig), context)
         endpoints = list(config.cluster.endpoints or [client_config.host])
     verify, cert, headers = tls_settings(client_config)
     when_slow = None
@@ -109,7 +102,7 @@ def run(options: RunOptions) -> list[StepResult]:
     """Raises BootstrapError (or a subclass) with the exit code on failure."""
     started_at, started = _now(), time.monotonic()
     deadline = started + options.timeout_s
-    config = config_module.load(options.config_path)
+    config = options.config
     # First, which config this run loaded: on Talos a tech compares it with the
     # ExtensionServiceConfig they applied (it takes effect only when the service restarts).
     _log.info(
@@ -122,7 +115,7 @@ def run(options: RunOptions) -> list[StepResult]:
     bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
     _log.info("flux bundle", flux=bundle.version, sha256=bundle.sha256)
     try:
-        kube = connect(config, options.kubeconfig, deadline)
+        kube = connect(config, options.kubeconfig, deadline, context=options.context)
     except talos.NothingToDoHere as err:
         # One image boots every node of a site (a worker has nothing to do), and a service
         # restarted for its config runs again: exit 0, so Talos does not retry every 5 s.

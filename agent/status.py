@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
 from agent import desired
 from agent.converge import condition, observed_current
-from agent.errors import EXIT_FAILED, EXIT_OK, EXIT_PROGRESSING, BootstrapError, ConfigError
+from agent.errors import (
+    EXIT_FAILED,
+    EXIT_NOT_BOOTSTRAPPED,
+    EXIT_OK,
+    EXIT_PROGRESSING,
+    BootstrapError,
+    ConfigError,
+)
 from agent.kube import Kind, Kube
+from agent.lease import active_holder
 from agent.run import connect
 from agent.steps import record
 from agent.steps.install_flux import deployment_available
 
 Obj = dict[str, Any]
 READY, PROGRESSING, FAILED = "ready", "progressing", "failed"
+NOT_BOOTSTRAPPED = "not-bootstrapped"  # no run has finished yet, and none is running
+WATCH_POLL_MAX_S = 5.0
 # Ready=False reasons Flux uses while it is still working towards Ready.
 PROGRESSING_REASONS = {
     "Progressing",
@@ -128,7 +142,11 @@ def _states(node: Obj) -> list[str]:
 
 
 def collect(
-    config: config_module.Config, kubeconfig: Path | None, flux_manifests: Path | None
+    config: config_module.Config,
+    kubeconfig: Path | None,
+    flux_manifests: Path | None,
+    context: str | None = None,
+    timeout_s: float = 5.0,
 ) -> Obj:
     report: Obj = {
         "api": {"reachable": False},
@@ -146,7 +164,9 @@ def collect(
         bundle = None
     report["flux"]["bundled"] = bundle.version if bundle else None
     try:
-        kube = connect(config, kubeconfig, time.monotonic() + 5, read_only=True)
+        kube = connect(
+            config, kubeconfig, time.monotonic() + timeout_s, read_only=True, context=context
+        )
     except ConfigError:
         raise
     except BootstrapError as err:
@@ -206,12 +226,20 @@ def _collect(
     if root is not None:
         report["kustomizations"] = [_tree(kube, root)]
     report["site"] = _site(kube, config)
+    # The lease before the record: a run records, then releases, so no record and a free
+    # lease mean no run has finished.
+    running = active_holder(
+        kube.get("coordination.k8s.io/v1", "Lease", config.lease.name, config.record.namespace)
+    )
     report["lastRun"] = record.load(kube, config)
     states = [c["state"] for c in controllers] or [FAILED]
     states.append(report["source"]["state"] if report["source"] else FAILED)
     states += [s for node in report["kustomizations"] for s in _states(node)] or [FAILED]
     states += [READY if item["present"] else FAILED for item in report["site"]]
     report["state"] = _worst(states)
+    if report["lastRun"] is None and report["state"] != READY:
+        # A first boot: in progress while a run holds the lease, else not started (or cut off).
+        report["state"] = PROGRESSING if running else NOT_BOOTSTRAPPED
     return report
 
 
@@ -241,6 +269,8 @@ def render_text(report: Obj, colour: bool) -> str:
 
     lines = []
     api = report["api"]
+    first_boot = report.get("lastRun") is None  # missing is expected, not a failure
+    missing = PROGRESSING if first_boot else FAILED
     if api["reachable"]:
         lines.append(
             f"{mark(READY)} API          {api['endpoint']} (Kubernetes {api.get('kubernetes')})"
@@ -251,7 +281,7 @@ def render_text(report: Obj, colour: bool) -> str:
     flux = report["flux"]
     installed, bundled = flux.get("installed"), flux.get("bundled")
     flux_state = (
-        READY if installed and installed == bundled else (FAILED if not installed else PROGRESSING)
+        READY if installed and installed == bundled else (missing if not installed else PROGRESSING)
     )
     note = "" if installed == bundled else "  (a run upgrades it)" if installed else ""
     lines.append(
@@ -271,7 +301,7 @@ def render_text(report: Obj, colour: bool) -> str:
             f"    revision {source['revision'] or '-'}  {source['reason']}: {source['message']}"
         )
     else:
-        lines.append(f"{mark(FAILED)} Source       missing (run alga-bootstrap run)")
+        lines.append(f"{mark(missing)} Source       missing (run alga-bootstrap run)")
     lines.append("  Sync")
 
     def tree(node: Obj, depth: int) -> None:
@@ -297,12 +327,12 @@ def render_text(report: Obj, colour: bool) -> str:
     for node in report["kustomizations"]:
         tree(node, 0)
     if not report["kustomizations"]:
-        lines.append(f"    {mark(FAILED)} root Kustomization missing")
+        lines.append(f"    {mark(missing)} root Kustomization missing")
     lines.append("  Site")
     for item in report["site"]:
         where = f"{item['namespace']}/" if item["namespace"] else ""
         lines.append(
-            f"    {mark(READY if item['present'] else FAILED)} {item['kind']} "
+            f"    {mark(READY if item['present'] else missing)} {item['kind']} "
             f"{where}{item['name']}{'' if item['present'] else '  missing'}"
         )
     last = report["lastRun"]
@@ -314,19 +344,89 @@ def render_text(report: Obj, colour: bool) -> str:
         )
         if last.get("error"):
             lines.append(f"               {last['error']}")
+    elif report["state"] == PROGRESSING:
+        lines.append("  Last run     none recorded yet; a run is in progress (first boot)")
     else:
         lines.append("  Last run     none recorded")
+    if report["state"] == NOT_BOOTSTRAPPED:
+        lines += [
+            "nothing bootstrapped yet: on a Talos node the boot service runs it",
+            "  (talosctl -n <node> logs ext-alga-bootstrap); elsewhere run `alga-bootstrap run`;",
+            "  follow it with `alga-bootstrap status --watch`",
+        ]
     lines.append(f"state: {report['state']}")
     return "\n".join(lines)
 
 
+_EXIT_CODES = {
+    READY: EXIT_OK,
+    PROGRESSING: EXIT_PROGRESSING,
+    NOT_BOOTSTRAPPED: EXIT_NOT_BOOTSTRAPPED,
+}
+
+
 def main(
-    config_path: Path | None, kubeconfig: Path | None, flux_manifests: Path | None, output: str
+    config: config_module.Config,
+    kubeconfig: Path | None,
+    flux_manifests: Path | None,
+    output: str,
+    context: str | None = None,
+    timeout_s: float = 5.0,
+    watch: bool = False,
 ) -> int:
-    config = config_module.load(config_path)
-    report = collect(config, kubeconfig, flux_manifests)
+    def look() -> Obj:
+        return collect(config, kubeconfig, flux_manifests, context, timeout_s)
+
+    if watch:
+        return _watch(look, output)
+    report = look()
     if output == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(render_text(report, colour=sys.stdout.isatty()))
-    return {READY: EXIT_OK, PROGRESSING: EXIT_PROGRESSING}.get(report["state"], EXIT_FAILED)
+    return _EXIT_CODES.get(report["state"], EXIT_FAILED)
+
+
+def _watch(look: Callable[[], Obj], output: str) -> int:
+    """Look again until ready or failed, or Ctrl-C (then the exit code of the last look), as
+    `flux get --watch`. On a terminal the screen is redrawn; otherwise (and for JSON,
+    one line each) a new answer is printed only when something changed. Looks again 0.5 s
+    after a change, backing off to every WATCH_POLL_MAX_S while nothing changes. An
+    unreachable API is waited for: a first boot starts before it."""
+    tty = output == "text" and sys.stdout.isatty()
+    last: Obj = {"key": None, "report": None, "unchanged": 0}
+
+    def done() -> bool:
+        report = look()
+        key = json.dumps(_without_ages(report), sort_keys=True)
+        if tty or key != last["key"]:
+            if output == "json":
+                text = json.dumps(report, sort_keys=True)
+            else:
+                text = render_text(report, colour=tty)
+            if tty:  # redraw from the top left, whatever the lines wrapped to
+                sys.stdout.write("\033[H\033[2J")
+            print(text if tty or output == "json" else f"{text}\n", flush=True)
+        last["unchanged"] = last["unchanged"] + 1 if key == last["key"] else 0
+        last["key"], last["report"] = key, report
+        return report["state"] in (READY, FAILED) and report["api"]["reachable"]
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops watching
+        tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda finished: not finished),
+            wait=lambda _: min(0.5 * 2 ** last["unchanged"], WATCH_POLL_MAX_S),
+            stop=tenacity.stop_never,
+        )(done)
+    report = last["report"]
+    if report is None:
+        return EXIT_FAILED
+    return _EXIT_CODES.get(report["state"], EXIT_FAILED)
+
+
+def _without_ages(value: Any) -> Any:
+    """A report without its ages, which change every second without anything happening."""
+    if isinstance(value, dict):
+        return {k: _without_ages(v) for k, v in value.items() if k != "age"}
+    if isinstance(value, list):
+        return [_without_ages(v) for v in value]
+    return value

@@ -66,8 +66,8 @@ def config_for(write_config: Any, bundle: Path, sha: str, name: str) -> Path:
 def test_status_before_and_after_a_run(kubesim: KubeSim, write_config: Any) -> None:
     config = write_config(basic_config())
     before = status(kubesim, config)
-    assert before.code == 1
-    assert "Source       missing" in before.stdout and "state: failed" in before.stdout
+    assert before.code == 5
+    assert "Source       missing" in before.stdout and "state: not-bootstrapped" in before.stdout
     assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
     after = status(kubesim, config)
     assert after.code == 0, after.output

@@ -9,6 +9,7 @@ import io
 import itertools
 import math
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -171,7 +172,8 @@ def test_kubeconfig_from_machined_completes_a_run(
 def test_a_machine_config_that_arrives_late_restarts_the_service(
     kubesim: KubeSim, write_config: Any, tmp_path: Path, version: tuple[int, int]
 ) -> None:
-    # No socket yet when the agent starts; then machined has no machine config for two
+    # The socket is there but nothing answers yet (an absent socket fails at once: not a
+    # Talos node, tests/test_workstation.py); then machined has no machine config for two
     # calls (Internal up to 1.12, the worker's answer from 1.13); then it has one.
     kubeconfig = kubesim.client_cert_kubeconfig()
     node = FakeMachined(
@@ -180,6 +182,8 @@ def test_a_machine_config_that_arrives_late_restarts_the_service(
         talos_version=version,
         config_after_calls=2,
     )
+    silent = socket.socket(socket.AF_UNIX)  # bound, not listening: connections refused
+    silent.bind(node.socket_path)
     config = talos_config(write_config, kubesim, node)
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--config", str(config), "--log-format", "json"],
@@ -194,6 +198,8 @@ def test_a_machine_config_that_arrives_late_restarts_the_service(
     while '"machined not ready yet"' not in first_wait:
         first_wait = agent.stdout.readline()
         assert first_wait, agent.stderr.read() if agent.stderr else ""
+    silent.close()
+    os.unlink(node.socket_path)
     node.start()
     try:
         out, err = agent.communicate(timeout=60)
