@@ -13,7 +13,9 @@ EXIT_CODES_HELP = """exit codes:
   1  failed; a re-run may succeed (API never ready, timeout, Flux reported a failure)
   2  bad config, bundle or usage; nothing was changed
   3  needs an operator decision; re-run with --force after reading the message
-  4  (status) still progressing"""
+  4  (status) still progressing
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM (a service restart) at a safe point;
+            the Lease was released; re-run to finish"""
 
 
 class BootstrapError(Exception):
