@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, log
+from agent import __version__, interrupt, log
 from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, duration_seconds
 from agent.errors import (
     EXIT_BAD_INPUT,
@@ -190,21 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # --timeout counts from here, library imports included
     args = build_parser().parse_args(argv)
+    interrupt.install()
     # Only `run` narrates; other commands (and a dry run) print their answer, log warnings.
     quiet = args.command != "run" or args.dry_run
     log.configure(getattr(args, "log_format", None), quiet=quiet)
     try:
-        return _dispatch(args)
+        return _dispatch(args, started)
     except BootstrapError as err:
         message = log.redact(str(err))
         if args.command == "run":
-            log.get("run").error("run failed", error=message, exit_code=err.exit_code)
+            log.get("run").error(
+                "run failed",
+                error=message,
+                exit_code=err.exit_code,
+                seconds=round(time.monotonic() - started, 2),
+            )
         print(f"alga-bootstrap: error: {message}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("alga-bootstrap: interrupted; re-run to finish", file=sys.stderr)
-        return EXIT_FAILED
+    except interrupt.Interrupted as stop:
+        if args.command == "run":
+            log.get("run").error(
+                "run stopped",
+                signal=stop.signal_name,
+                exit_code=stop.exit_code,
+                seconds=round(time.monotonic() - started, 2),
+            )
+        print(f"alga-bootstrap: {stop}", file=sys.stderr)
+        return stop.exit_code
     except Exception as err:  # a bug: still one line, never a traceback or a secret
         message = log.redact(f"{type(err).__name__}: {err}")
         print(
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, started: float) -> int:
     if args.command == "version":
         print(f"alga-bootstrap {__version__}{_pinned_flux()}")
         return EXIT_OK
@@ -260,6 +275,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.force,
             args.dry_run,
             args.context,
+            started,
         )
     )
     if args.dry_run:

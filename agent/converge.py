@@ -17,7 +17,6 @@ from agent.kube import ApiError, Kube
 Obj = dict[str, Any]
 T = TypeVar("T")
 PARALLEL_REQUESTS = 16
-FAST_POLL_S = 5.0
 PROGRESS_EVERY_S = 10.0
 
 
@@ -115,7 +114,8 @@ def wait_until(
     what: str, check: Callable[[], T | None], deadline: float, log: Any, interval: float = 1.0
 ) -> T:
     """Poll `check` until it returns something, or fail when the run's deadline passes.
-    Polls every 0.05 s for the first seconds (most waits are short), then every `interval`."""
+    Most waits are short: the first polls come 0.05 s apart, then each 1.3 times later than
+    the one before, up to every `interval` (polite to a server during a long wait)."""
     started = time.monotonic()
 
     last_note = started
@@ -132,7 +132,7 @@ def wait_until(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda result: result is None),
-        wait=lambda _: 0.05 if time.monotonic() - started < FAST_POLL_S else interval,
+        wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.3, max=interval),
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
         retry_error_callback=lambda _: None,

@@ -15,7 +15,9 @@ EXIT_CODES_HELP = """exit codes:
   2  bad config, bundle or usage; nothing was changed
   3  needs an operator decision; re-run with --force after reading the message
   4  (status) still progressing
-  5  (status) not bootstrapped yet: no run has finished, none is running"""
+  5  (status) not bootstrapped yet: no run has finished, none is running
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM (a service restart) at a safe point;
+            the Lease was released; re-run to finish"""
 
 
 class BootstrapError(Exception):

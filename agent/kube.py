@@ -2,7 +2,7 @@
 
 Objects are plain dicts. Paths come from a kind table (built-ins plus the CRDs the agent
 installs), so no discovery requests are spent. Every request is retried with tenacity on
-throttling, server errors and dropped connections.
+throttling, server errors and dropped connections, never past the run's deadline.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from agent import log
+from agent import interrupt, log
 from agent.errors import BootstrapError, ConfigError
 
 Obj = dict[str, Any]
@@ -104,13 +105,29 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     )
 
 
-_retry = tenacity.retry(
-    retry=tenacity.retry_if_exception(_is_retryable),
-    wait=_RetryAfterOrBackoff(),
-    stop=tenacity.stop_after_attempt(8) | tenacity.stop_after_delay(90),
-    before_sleep=_log_retry,
-    reraise=True,
-)
+class StopAtDeadline(tenacity.stop.stop_base):
+    """Stop retrying when the next attempt would start after `deadline` (a monotonic time)."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        return self.deadline is not None and (
+            time.monotonic() + state.upcoming_sleep >= self.deadline
+        )
+
+
+class DeadlineExceeded(BootstrapError):
+    """The run's deadline (--timeout) passed while a request was still failing or pending."""
+
+    def __init__(self, method: str, path: str, last: BaseException | None) -> None:
+        detail = f": {str(last)[:300]}" if last else ""
+        super().__init__(
+            log.redact(
+                f"timed out: no time left before the run's deadline (--timeout) to retry "
+                f"{method} {path}{detail}; re-run with a longer --timeout, or check the cluster"
+            )
+        )
 
 
 def load_kubeconfig(paths: Sequence[Path], context: str | None = None) -> k8s.Configuration:
@@ -256,8 +273,9 @@ def _read_reference(where: str, path: str) -> bytes:
 
 
 def _memory_file(name: str, base64_data: str) -> str:
+    content = base64.b64decode(base64_data)
     fd = os.memfd_create(f"alga-bootstrap-{name}", os.MFD_CLOEXEC)
-    os.write(fd, base64.b64decode(base64_data))
+    os.write(fd, content)
     return f"/proc/{os.getpid()}/fd/{fd}"
 
 
@@ -273,11 +291,17 @@ class Kube:
         self.host = configuration.host
         self.kinds = dict(BUILTIN_KINDS)
         self.dry_run = False
+        self.deadline: float | None = None  # time.monotonic() after which no request starts
         self.before_write: Callable[[], None] | None = None
         self._api = k8s.ApiClient(configuration)
 
     def close(self) -> None:
         self._api.close()
+
+    def allow_cleanup(self, seconds: float) -> None:
+        """Leave `seconds` past the deadline for the clean-up (releasing the Lease)."""
+        if self.deadline is not None:
+            self.deadline = max(self.deadline, time.monotonic() + seconds)
 
     # -- kinds -------------------------------------------------------------------------------
 
@@ -307,7 +331,6 @@ class Kube:
 
     # -- requests ----------------------------------------------------------------------------
 
-    @_retry
     def _call(
         self,
         method: str,
@@ -315,6 +338,52 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        lease: bool = False,
+    ) -> Any:
+        """One request, retried while a retry can help and the run's deadline allows. A
+        stop (SIGTERM, SIGINT) ends it before the next attempt, except the Lease's own
+        requests: releasing it is the clean-up."""
+        deadline = self.deadline
+        past_deadline = StopAtDeadline(deadline)
+
+        def give_up(state: tenacity.RetryCallState) -> Any:
+            last = state.outcome.exception() if state.outcome else None
+            if past_deadline(state):
+                raise DeadlineExceeded(method, path, last)
+            assert last is not None
+            raise last
+
+        def attempt() -> Any:
+            if not lease:
+                interrupt.check()
+            timeout: tuple[float, float] = (5, 30)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(method, path, None)
+                timeout = (min(5, left), min(30, left))
+            return self._request(method, path, query, body, content_type, timeout)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_retryable),
+            wait=_RetryAfterOrBackoff(),
+            stop=tenacity.stop_any(
+                tenacity.stop_after_attempt(8), tenacity.stop_after_delay(90), past_deadline
+            ),
+            sleep=interrupt.sleep if not lease else time.sleep,
+            before_sleep=_log_retry,
+            retry_error_callback=give_up,
+        )
+        return retrying(attempt)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None,
+        body: Any,
+        content_type: str,
+        timeout: tuple[float, float],
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
@@ -327,7 +396,7 @@ class Kube:
                 auth_settings=["BearerToken"],
                 _preload_content=False,
                 _return_http_data_only=True,
-                _request_timeout=(5, 30),
+                _request_timeout=timeout,
             )
         except ApiException as err:
             failure = _describe(err)
@@ -389,7 +458,12 @@ class Kube:
         elif guarded and self.before_write is not None:
             self.before_write()
         return self._call(
-            method, path, [("fieldManager", FIELD_MANAGER), *query], body, content_type
+            method,
+            path,
+            [("fieldManager", FIELD_MANAGER), *query],
+            body,
+            content_type,
+            lease=not guarded,
         )
 
     def apply(self, obj: Obj) -> Obj:

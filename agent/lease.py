@@ -1,6 +1,7 @@
 """The run's Lease: one writer at a time (another control-plane node, or a field tech while
 the boot-time run is active). Taken on the first write, so a run that writes nothing never
-touches it; a holder that stops renewing is taken over after the lease's duration."""
+touches it. A holder that stops renewing is taken over after the lease's duration, judged by
+this host's clock; one that died on this host, at once."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import datetime as dt
 import os
 import socket
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import tenacity
 
-from agent import log
+from agent import interrupt, log
 from agent.errors import BootstrapError
-from agent.kube import ApiError, Kube
+from agent.kube import ApiError, Kube, StopAtDeadline
 
 _log = log.get("lease")
 Obj = dict[str, Any]
@@ -24,6 +27,32 @@ MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 class LeaseWaited(Exception):  # a signal to the run, not an error
     """The run waited for another holder: what it read before may be stale."""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        return "unknown"
+
+
+def _died_here(holder: str) -> bool:
+    """True when the holder's identity (host-pid-boot-random) names a run on this host whose
+    process is gone: an earlier boot, or a pid that is no longer running (or is this run's
+    own: in a container every run may get the same pid)."""
+    parts = holder.rsplit("-", 3)
+    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    _, pid, boot, _ = parts
+    if boot != _boot_id() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, as another user's process
+    return False
 
 
 def _now() -> dt.datetime:
@@ -56,23 +85,24 @@ def active_holder(lease: Obj | None) -> str | None:
 
 
 class RunLease:
-    def __init__(
-        self, kube: Kube, namespace: str, name: str, duration_s: int, deadline_in_s: float
-    ) -> None:
+    def __init__(self, kube: Kube, namespace: str, name: str, duration_s: int) -> None:
         self.kube, self.namespace, self.name = kube, namespace, name
         self.duration_s = duration_s
-        self.deadline_in_s = deadline_in_s
-        self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Says where the run lives, so that a run on the same host can tell it died.
+        self.identity = f"{socket.gethostname()}-{os.getpid()}-{_boot_id()}-{uuid.uuid4().hex[:6]}"
         self.started = _now()  # reads from here on may be stale if another run writes
         self.held = False
         self._live: Obj | None = None  # the lease as last written by this run
         self.stale = False  # another run wrote while this pass was reading: look again
+        self._gave_up: BootstrapError | None = None  # waited until the deadline: no retry
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
     def before_write(self) -> None:
         """The Kube client's write hook: hold the lease before the first write."""
         with self._lock:
+            if self._gave_up is not None:
+                raise self._gave_up
             if not self.held:
                 self._take()
             if self.stale:
@@ -126,23 +156,37 @@ class RunLease:
         held it at any time since this run started: what this run read may be stale."""
         waited_for: str | None = None
         others_active = False
+        may_be_missing = True  # POST only when the lease may not exist, not on every look
+        observed_version: str | None = None
+        observed_at = 0.0  # time.monotonic() when this run saw the lease change last
 
         def attempt() -> bool:
-            nonlocal waited_for, others_active
-            if self._create():
+            nonlocal waited_for, others_active, may_be_missing, observed_version, observed_at
+            interrupt.check()
+            if may_be_missing and self._create():
                 return True
             live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+            may_be_missing = live is None
             if live is None:
                 return False  # released and gone meanwhile; look again
             spec = live.get("spec", {})
             holder = spec.get("holderIdentity")
             renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
             duration = spec.get("leaseDurationSeconds", self.duration_s)
-            expired = renewed is None or (_now() - renewed).total_seconds() > duration
+            # As client-go's leader election (tools/leaderelection/leaderelection.go,
+            # tryAcquireOrRenew with setObservedRecord and isLeaseValid): a holder is live
+            # until the lease's duration has passed, on this host's clock, since this run
+            # last saw the record change. The holder's renewTime comes from another clock: a
+            # skewed one (say, in the future) must neither block nor hasten a take-over.
+            if live["metadata"].get("resourceVersion") != observed_version:
+                observed_version = live["metadata"].get("resourceVersion")
+                observed_at = time.monotonic()
+            expired = time.monotonic() > observed_at + duration
             # Held, renewed or released (a release stamps renewTime) since this run started.
             if renewed is not None and renewed >= self.started and holder != self.identity:
                 others_active = True
-            if holder and holder != self.identity and not expired:
+            died_here = bool(holder) and holder != self.identity and _died_here(holder)
+            if holder and holder != self.identity and not expired and not died_here:
                 if waited_for != holder:
                     _log.info(
                         "another run holds the lease; waiting",
@@ -154,7 +198,9 @@ class RunLease:
                 return False
             if holder and holder != self.identity:
                 _log.warning(
-                    "taking over the lease of a run that stopped renewing it",
+                    "taking over the lease of a run that died on this host"
+                    if died_here
+                    else "taking over the lease of a run that stopped renewing it",
                     holder=holder,
                     last_renewed=spec.get("renewTime"),
                 )
@@ -171,15 +217,18 @@ class RunLease:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda taken: not taken),
-            wait=tenacity.wait_fixed(0.5),
-            stop=tenacity.stop_after_delay(max(self.deadline_in_s, 1)),
+            # Polite: a run that waits minutes looks at most every 2 s.
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2),
+            stop=StopAtDeadline(self.kube.deadline),
+            sleep=interrupt.sleep,
             retry_error_callback=lambda _: False,
         )
         if not retrying(attempt):
-            raise BootstrapError(
+            self._gave_up = BootstrapError(
                 f"another run kept Lease {self.namespace}/{self.name} "
                 f"(holder {waited_for}) past the deadline; re-run later"
             )
+            raise self._gave_up
         _log.info("lease acquired", lease=f"{self.namespace}/{self.name}", identity=self.identity)
         return others_active or waited_for is not None
 
@@ -204,10 +253,11 @@ class RunLease:
         """Hand the lease back (it is never deleted: the agent deletes nothing)."""
         self._stop.set()
         with self._lock:
-            if not self.held or self._live is None:
+            if self._live is None:  # never taken (or taken and not known: see _died_here)
                 return
             self.held = False
-            lease = self._live
+            lease, self._live = self._live, None
+        self.kube.allow_cleanup(1.0)  # also after the deadline or a stop
         lease["spec"].pop("holderIdentity", None)
         lease["spec"]["leaseDurationSeconds"] = 1
         lease["spec"]["renewTime"] = _format(_now())  # when this run stopped writing

@@ -39,6 +39,7 @@ class RunOptions:
     force: bool
     dry_run: bool = False
     context: str | None = None  # a kubeconfig context, as kubectl's --context
+    started: float | None = None  # time.monotonic() when the command started
 
 
 def _file_digest(source: str) -> str | None:
@@ -100,7 +101,7 @@ def connect(
 
 def run(options: RunOptions) -> list[StepResult]:
     """Raises BootstrapError (or a subclass) with the exit code on failure."""
-    started_at, started = _now(), time.monotonic()
+    started_at, started = _now(), options.started or time.monotonic()
     deadline = started + options.timeout_s
     config = options.config
     # First, which config this run loaded: on Talos a tech compares it with the
@@ -121,16 +122,11 @@ def run(options: RunOptions) -> list[StepResult]:
         # restarted for its config runs again: exit 0, so Talos does not retry every 5 s.
         _log.info(err.event, detail=str(err))
         return []
+    kube.deadline = deadline
     kube.dry_run = options.dry_run
     lease = None
     if not options.dry_run:
-        lease = RunLease(
-            kube,
-            config.record.namespace,
-            config.lease.name,
-            config.lease.duration_s,
-            deadline - time.monotonic(),
-        )
+        lease = RunLease(kube, config.record.namespace, config.lease.name, config.lease.duration_s)
         kube.before_write = lease.before_write
     ctx = RunContext(config, bundle, kube, deadline, force=options.force, dry_run=options.dry_run)
     try:

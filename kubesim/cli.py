@@ -43,6 +43,26 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-next", type=int, default=0, metavar="K", help="fail the next K API requests"
     )
     serve.add_argument("--fail-status", type=int, default=503, choices=[429, 500, 503])
+    serve.add_argument(
+        "--fail-path",
+        default="^/api",
+        metavar="REGEX",
+        help="fail (or reset) only requests whose path matches (default: the API)",
+    )
+    serve.add_argument("--fail-verb", help="fail (or reset) only this verb (get, list, apply...)")
+    serve.add_argument(
+        "--fail-retry-after",
+        type=int,
+        metavar="S",
+        help="send Retry-After: S with the failures (default: 1 with 429, none otherwise)",
+    )
+    serve.add_argument(
+        "--reset-next",
+        type=int,
+        default=0,
+        metavar="K",
+        help="reset the connection of the next K matching requests",
+    )
     args = parser.parse_args(argv)
 
     sim = KubeSim(
@@ -59,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         readyz_unavailable_seconds=args.readyz_unavailable_seconds,
     )
     if args.fail_next:
+        retry_after = args.fail_retry_after
+        if retry_after is None and args.fail_status == 429:
+            retry_after = 1
         sim.faults.fail_next(
-            args.fail_next,
-            args.fail_status,
-            path="^/api",
-            retry_after=1 if args.fail_status == 429 else None,
+            args.fail_next, args.fail_status, args.fail_verb, args.fail_path, retry_after
         )
+    if args.reset_next:
+        sim.faults.reset_next(args.reset_next, args.fail_verb, args.fail_path)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

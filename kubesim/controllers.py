@@ -30,6 +30,9 @@ class Controllers:
     delay: float = 0.2
     source_failures: dict[str, Outcome] = field(default_factory=dict)  # by GitRepository URL
     kustomization_failures: dict[str, Outcome] = field(default_factory=dict)  # by name
+    # GitRepositories (by URL) the stand-in never reconciles, as when source-controller is
+    # not running: the object keeps no status, so it never becomes Ready.
+    unreconciled_sources: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     _first_seen: dict[tuple[Any, ...], float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -115,6 +118,8 @@ class Controllers:
 
     def _git_repository(self, repo: dict[str, Any]) -> None:
         meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
+        if spec.get("url") in self.unreconciled_sources:
+            return
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
         if (
             status.get("observedGeneration") == meta["generation"]

@@ -38,7 +38,7 @@ def install(ctx: RunContext) -> StepResult:
         lambda: _established(ctx),
         ctx.deadline,
         _log,
-        interval=0.25,
+        interval=1.0,
     )
     changes += ensure(kube, bundle.second_stage, _log)
     wait_until(
@@ -46,7 +46,7 @@ def install(ctx: RunContext) -> StepResult:
         lambda: _available(ctx),
         ctx.deadline,
         _log,
-        interval=0.5,
+        interval=1.0,
     )
     _log.info("Flux running", version=bundle.version, changes=len(changes))
     return StepResult("install-flux", changes, f"Flux {bundle.version} running")

@@ -97,7 +97,7 @@ def verify(ctx: RunContext) -> StepResult:
         return revision
 
     revision = wait_until(
-        f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline, _log, interval=1.0
+        f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline, _log, interval=2.0
     )
     _log.info("Flux accepted the sync", revision=revision)
     return StepResult("verify", note=revision)

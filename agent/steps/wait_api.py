@@ -51,8 +51,9 @@ def wait_for_api(
             failures = []
             retry_after = None
             for endpoint in endpoints:
+                left = max(deadline - time.monotonic(), 0.1)  # a probe ends by the deadline
                 try:
-                    response = client.get(f"{endpoint}/readyz")
+                    response = client.get(f"{endpoint}/readyz", timeout=min(3.0, left))
                 except httpx.HTTPError as err:
                     failures.append(f"{endpoint}: {type(err).__name__}: {err}"[:200])
                     continue

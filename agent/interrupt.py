@@ -1,0 +1,45 @@
+"""SIGTERM (`talosctl service ... restart`, `systemctl restart`) and SIGINT (Ctrl-C): stop
+at the next safe point, release the Lease, exit 128 + the signal's number."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+requested = threading.Event()  # set once a stop was asked for: no new requests from here
+_signum = signal.SIGTERM
+
+
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum  # the shell's convention: 143 SIGTERM, 130 SIGINT
+        super().__init__(f"stopped by {self.signal_name}; re-run to finish")
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    # The first signal stops the run; later ones must not break the clean-up it does.
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    global _signum
+    _signum = signal.Signals(signum)
+    requested.set()
+    raise Interrupted(signum)  # in the main thread: ends a wait or sleep at once
+
+
+def install() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+
+
+def check() -> None:
+    """For worker threads, which a signal does not reach: stop before the next request."""
+    if requested.is_set():
+        raise Interrupted(_signum) from None
+
+
+def sleep(seconds: float) -> None:
+    """A retry's sleep that ends early when a stop is asked for."""
+    if requested.wait(seconds):
+        check()
