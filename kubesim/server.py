@@ -47,6 +47,7 @@ class Faults:
         self._lock = threading.Lock()
         self.rules: list[FailRule] = []
         self.readyz_unavailable_until = 0.0
+        self.readyz_unavailable_for = 0.0
         self.latency = 0.0
 
     def fail_next(
@@ -65,7 +66,16 @@ class Faults:
             self.rules.append(FailRule(count, None, verb, path))
 
     def readyz_unavailable(self, seconds: float) -> None:
-        self.readyz_unavailable_until = time.monotonic() + seconds
+        """/readyz answers 503 for `seconds` from the first probe (a client that starts
+        late still sees the server starting)."""
+        self.readyz_unavailable_for = seconds
+
+    def readyz_ok(self) -> bool:
+        with self._lock:
+            if self.readyz_unavailable_for:
+                self.readyz_unavailable_until = time.monotonic() + self.readyz_unavailable_for
+                self.readyz_unavailable_for = 0.0
+            return time.monotonic() >= self.readyz_unavailable_until
 
     def take(self, verb: str, path: str) -> FailRule | None:
         with self._lock:
@@ -378,7 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path in ("/livez", "/healthz"):
             return self._text(200, "ok")
         if path == "/readyz":
-            if time.monotonic() < self.sim.faults.readyz_unavailable_until:
+            if not self.sim.faults.readyz_ok():
                 return self._text(503, "[-]etcd failed: reason withheld\nreadyz check failed")
             return self._text(200, "ok")
         if path == "/version":

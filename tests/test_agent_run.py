@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from tests.conftest import (
     BUNDLE,
     BUNDLE_SHA,
     REPO,
+    Result,
     agent_env,
     basic_config,
     fast_run_args,
@@ -138,8 +141,20 @@ def test_deleted_object_is_repaired_when_the_inputs_change(
 
 
 def test_api_refusing_connections_then_coming_up(kubesim_factory: Any, config: Path) -> None:
-    sim = kubesim_factory(controllers=True, controller_delay=0.05, refuse_seconds=2.5)
-    result = run_agent(*fast_run_args(config, sim.kubeconfig_path))
+    sim = kubesim_factory(controllers=True, controller_delay=0.05, refuse_seconds=math.inf)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", *fast_run_args(config, sim.kubeconfig_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=agent_env(),
+        cwd=REPO,
+    )
+    assert agent.stdout is not None
+    first = agent.stdout.readline()  # started: the API comes up 2.5 s later
+    threading.Timer(2.5, sim.accept_connections).start()
+    out, err = agent.communicate(timeout=120)
+    result = Result(agent.returncode, first + out, err)
     assert result.code == 0, result.output
     waits = [e for e in result.events() if e["event"] == "API not ready yet"]
     assert waits and "ConnectError" in waits[0]["detail"]
