@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubesim import KubeSim
+from agent.config import deep_merge
+from kubesim import KubeSim, upstream
 from tests.conftest import BUNDLE, SHARED, agent_env, fast_run_args, run_agent
 
 ALGA_DIR = SHARED / "alga"
@@ -119,77 +122,89 @@ def check_common_references(sim: KubeSim) -> None:
         assert expected.items() <= live.items()
 
 
-# -- a small stand-in for the kustomize patching Flux does -------------------------------------
+# -- upstream's appliance, applied by the stand-in Flux ----------------------------------------
+
+FIXTURE = yaml.safe_load(
+    (Path(__file__).parent / "fixtures" / "alga-chart-images.yaml").read_text()
+)
+HR_API = "helm.toolkit.fluxcd.io/v2"
+KS_API = "kustomize.toolkit.fluxcd.io/v1"
 
 
-def _matches(target: dict[str, str], obj: Obj) -> bool:
-    group = obj["apiVersion"].rpartition("/")[0]
-    return (
-        target.get("kind", obj["kind"]) == obj["kind"]
-        and re.fullmatch(target.get("name", ".*"), obj["metadata"]["name"]) is not None
-        and target.get("namespace", obj["metadata"].get("namespace"))
-        == obj["metadata"].get("namespace")
-        and target.get("group", group) == group
-    )
+def with_upstream(sim: KubeSim, profile: list[Obj] | None = None) -> KubeSim:
+    """The stand-in kustomize-controller applies upstream's rendered objects (or edited
+    copies of the profile) at their paths, with each Kustomization's patches."""
+    sim.controllers.sources.update(upstream.sources(profile or PROFILE, CHILDREN))
+    return sim
 
 
-def _merge(base: Obj, overlay: Obj) -> Obj:
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = (
-            _merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else copy.deepcopy(value)
-        )
-    return out
+@pytest.fixture
+def kubesim(kubesim_factory: Any) -> KubeSim:
+    return with_upstream(kubesim_factory(controllers=True, controller_delay=0.05))
 
 
-def apply_patches(objects: list[Obj], patches: list[Obj]) -> list[Obj]:
-    """Strategic merge (maps) and JSON6902 `add` (`/x/-` appends to list x): the two patch
-    forms the preset uses."""
-    fixed = []
-    for patch in patches:
-        body = yaml.safe_load(patch["patch"])
-        if isinstance(body, list):
-            for op in body:
-                if op["path"].endswith("/-"):
-                    op["path"] = op["path"][:-2]
-                    op["value"] = [op["value"]]
-                    op["append"] = True
-            patch = {**patch, "patch": yaml.safe_dump(body)}
-        fixed.append(patch)
-    out = copy.deepcopy(objects)
-    for patch in fixed:
-        body = yaml.safe_load(patch["patch"])
-        for obj in out:
-            if not _matches(patch["target"], obj):
-                continue
-            if isinstance(body, dict):
-                obj.update(_merge(obj, body))
-                continue
-            for op in body:
-                *parents, last = op["path"].strip("/").split("/")
-                node = obj
-                for key in parents:
-                    node = node[key]
-                if op.get("append"):
-                    node[last] = node[last] + op["value"]
-                else:
-                    node[last] = copy.deepcopy(op["value"])
-    return out
+def wait_for(check: Any, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def live_releases(sim: KubeSim) -> dict[str, Obj]:
+    """The six HelmReleases, once the child Kustomizations applied them."""
+
+    def all_six() -> dict[str, Obj] | None:
+        names = [r["metadata"]["name"] for r in HELM_RELEASES]
+        if all(sim.exists(HR_API, "HelmRelease", n, "alga-system") for n in names):
+            return {n: sim.get(HR_API, "HelmRelease", n, "alga-system") for n in names}
+        return None
+
+    found: dict[str, Obj] = wait_for(all_six)
+    return found
+
+
+def helm_values(sim: KubeSim, release: Obj) -> Obj:
+    """What helm-controller gives the chart: the valuesFrom keys merged in order."""
+    merged: Obj = {}
+    for ref in release["spec"]["valuesFrom"]:
+        cm = sim.get("v1", "ConfigMap", ref["name"], "alga-system")
+        merged = deep_merge(merged, yaml.safe_load(cm["data"][ref["valuesKey"]]))
+    return merged
+
+
+def lookup(values: Obj, key: str) -> Any:
+    node: Any = values
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def pinned(tag: Any) -> bool:
+    return isinstance(tag, str) and tag not in ("", "latest")
+
+
+def edited(name: str, change: Any) -> list[Obj]:
+    """A copy of upstream's profile with the object `name` changed."""
+    profile = copy.deepcopy(PROFILE)
+    for obj in profile:
+        if obj["metadata"]["name"] == name:
+            change(obj)
+    return profile
 
 
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def run_mode(kubesim: KubeSim, write_config: Any, mode: str) -> Obj:
+def run_mode(kubesim: KubeSim, write_config: Any, mode: str, **alga_fields: Any) -> Obj:
     """Run the preset in `mode`, check what every mode needs; the root Kustomization."""
-    result = run_agent(*fast_run_args(write_config(site_config(mode)), kubesim.kubeconfig_path))
+    config = write_config(site_config(mode, **alga_fields))
+    result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path))
     assert result.code == 0, result.output
     check_common_references(kubesim)
-    root: Obj = kubesim.get(
-        "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "alga-appliance", "flux-system"
-    )
+    root: Obj = kubesim.get(KS_API, "Kustomization", "alga-appliance", "flux-system")
     return root
 
 
@@ -199,53 +214,103 @@ def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: 
     assert {
         k: root["spec"][k] for k in ("interval", "retryInterval", "timeout", "prune", "wait")
     } == {"interval": "5m", "retryInterval": "1m", "timeout": "2m", "prune": True, "wait": True}
-    # Flux owns the values ConfigMaps from Git: the agent must not have created them.
-    assert not kubesim.exists("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")
-    # Render as Flux would: the profile with the root's patches, then each child
-    # Kustomization's (patched) patches on the HelmReleases it renders.
-    profile = apply_patches(PROFILE, root["spec"]["patches"])
-    config_maps = {d["metadata"]["name"]: d for d in profile if d["kind"] == "ConfigMap"}
-    children = {d["metadata"]["name"]: d for d in profile if d["kind"] == "Kustomization"}
-    releases = HELM_RELEASES
-    for child in children.values():
-        releases = apply_patches(releases, child["spec"].get("patches", []))
-    for release in releases:
-        component = release["metadata"]["name"]
-        for ref in release["spec"]["valuesFrom"]:
-            assert ref["kind"] == "ConfigMap"
-            assert ref["valuesKey"] in config_maps[ref["name"]]["data"], (component, ref)
-        site_keys = [
-            r["valuesKey"]
-            for r in release["spec"]["valuesFrom"]
-            if r["valuesKey"].endswith(".site.yaml")
+    # Flux owns the values ConfigMaps from Git: the agent did not create them, Flux did.
+    cm = kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")
+    assert cm["metadata"]["labels"]["kustomize.toolkit.fluxcd.io/name"] == "alga-appliance"
+    for component, release in live_releases(kubesim).items():
+        refs = release["spec"]["valuesFrom"]
+        # Upstream's values first, the site's last (later entries win in Helm).
+        assert refs[0]["valuesKey"] == f"{component}.talos-single-node.yaml"
+        assert refs[-1]["valuesKey"] == f"{component}.site.yaml"
+        for ref in refs:
+            data = kubesim.get("v1", "ConfigMap", ref["name"], "alga-system")["data"]
+            assert ref["valuesKey"] in data, (component, ref)
+    core = yaml.safe_load(
+        kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")["data"][
+            "alga-core.site.yaml"
         ]
-        # Upstream's values first, the site's after them (later entries win in Helm).
-        assert (
-            release["spec"]["valuesFrom"][0]["valuesKey"] == f"{component}.talos-single-node.yaml"
-        )
-        if component in ("alga-core", "workflow-worker", "email-service", "temporal-worker"):
-            assert len(site_keys) == 1
-            site = yaml.safe_load(
-                config_maps[f"appliance-values-{component}"]["data"][site_keys[0]]
-            )
-            tags = re.findall(r"'tag': '([^']+)'", str(site))
-            assert tags and "latest" not in tags
-    core = yaml.safe_load(config_maps["appliance-values-alga-core"]["data"]["alga-core.site.yaml"])
+    )
     assert core["appUrl"] == SITE_URL and core["host"] == "psa.example.test"
-    assert core["server"]["image"]["tag"] == "a2cbb430"
+    assert core["server"]["image"] == {"name": "ghcr.io/nine-minds/alga-psa-ee", "tag": "a2cbb430"}
     assert core["setup"]["waitForBootstrap"]["image"]["tag"] == "v0.5.1"
     # Upstream's own values keys are untouched by the patches.
     original = next(d for d in PROFILE if d["metadata"]["name"] == "appliance-values-alga-core")
     assert (
-        config_maps["appliance-values-alga-core"]["data"]["alga-core.talos-single-node.yaml"]
-        == original["data"]["alga-core.talos-single-node.yaml"]
+        cm["data"]["alga-core.talos-single-node.yaml"]
+        == (original["data"]["alga-core.talos-single-node.yaml"])
     )
+    # status agrees: every patch in effect, the release selection equal to what runs.
+    status = run_agent(
+        "status",
+        "--config",
+        str(write_config(site_config())),
+        "--kubeconfig",
+        str(kubesim.kubeconfig_path),
+        "-o",
+        "json",
+    )
+    report = json.loads(status.stdout)
+    assert report["patches"] and {p["state"] for p in report["patches"]} == {"ready"}
+    assert {r["state"] for r in report["release"]} == {"ready"}
+
+
+def test_every_image_the_charts_can_start_is_pinned(kubesim: KubeSim, write_config: Any) -> None:
+    """From upstream's files: each image reference in the charts (the fixture, read from the
+    templates at the pinned commit) that upstream's values leave enabled is set by the
+    preset to a pinned tag, or pinned by the post-renderer when the chart hard-codes it."""
+    run_mode(kubesim, write_config, "profile")
+    releases = live_releases(kubesim)
+    charts = {r["spec"]["chart"]["spec"]["chart"]: n for n, r in releases.items()}
+    assert set(charts) == set(FIXTURE["images"])  # a chart upstream adds fails here
+    checked = []
+    for chart, entries in FIXTURE["images"].items():
+        release = releases[charts[chart]]
+        site_key = release["spec"]["valuesFrom"][-1]
+        site = yaml.safe_load(
+            kubesim.get("v1", "ConfigMap", site_key["name"], "alga-system")["data"][
+                site_key["valuesKey"]
+            ]
+        )
+        values = deep_merge(FIXTURE["defaults"][chart], helm_values(kubesim, release))
+        pins = [
+            i
+            for r in release["spec"].get("postRenderers", [])
+            for i in r.get("kustomize", {}).get("images", [])
+        ]
+        for entry in entries:
+            (key, off), *_ = (entry.get("disabledWhen") or {"": object()}).items()
+            if key and bool(lookup(values, key)) == bool(off):
+                continue  # upstream's values leave this template off
+            if "hardcoded" in entry:
+                name = entry["hardcoded"].split(":")[0]
+                pin = next(p for p in pins if p["name"] == name)
+                assert pinned(pin.get("newTag")) or pin.get("digest", "").startswith("sha256:")
+            else:
+                assert lookup(site, entry["tag"]) == lookup(values, entry["tag"])
+                assert pinned(lookup(values, entry["tag"])), (chart, entry)
+                assert lookup(values, entry["repository"]), (chart, entry)
+            checked.append(entry["file"])
+    assert len(checked) == 13  # the rest are off under upstream's appliance values
+    # The image list names exactly what these values start.
+    listed = run_agent("images", "--config", str(write_config(site_config()))).stdout.split()
+    for chart, entries in FIXTURE["images"].items():
+        values = helm_values(kubesim, releases[charts[chart]])
+        for entry in entries:
+            if "tag" in entry and entry["file"] in checked and lookup(values, entry["repository"]):
+                ref = f"{lookup(values, entry['repository'])}:{lookup(values, entry['tag'])}"
+                assert ref in listed
 
 
 def test_base_mode_creates_the_values_config_maps(kubesim: KubeSim, write_config: Any) -> None:
     root = run_mode(kubesim, write_config, "base")
     assert root["spec"]["path"] == "./ee/appliance/flux/base"
-    assert "patches" not in root["spec"]
+    # Only the image the chart hard-codes is pinned by a patch; the values are in ConfigMaps.
+    assert [p["target"]["name"] for p in root["spec"]["patches"]] == ["alga-core"]
+    core_release = live_releases(kubesim)["alga-core"]
+    assert core_release["spec"]["postRenderers"] == [
+        {"kustomize": {"images": [{"name": "busybox", "newTag": "1.36.1"}]}}
+    ]
+    assert len(core_release["spec"]["valuesFrom"]) == 1  # upstream's only
     for release in HELM_RELEASES:
         for ref in release["spec"]["valuesFrom"]:
             cm = kubesim.get("v1", "ConfigMap", ref["name"], "alga-system")
