@@ -52,12 +52,18 @@ class _Objects:
         return self.lists[(api_version, kind, namespace)].get(name)
 
 
-def _group(patch: Obj) -> tuple[str, str, str] | None:
+def target_of(patch: Obj) -> tuple[str, str, str, str] | None:
+    """(apiVersion, kind, namespace, name) of a patch's single, named target."""
     target = patch.get("target") or {}
     api_version = API_VERSIONS.get((target.get("group", ""), target.get("kind", "")))
     if api_version is None or not target.get("name"):
         return None
-    return api_version, target["kind"], target.get("namespace", "")
+    return api_version, target["kind"], target.get("namespace", ""), target["name"]
+
+
+def _group(patch: Obj) -> tuple[str, str, str] | None:
+    found = target_of(patch)
+    return found[:3] if found else None
 
 
 def check(kube: Kube, patches: list[Obj], ref: str, revision: str) -> list[Effect]:
@@ -126,17 +132,28 @@ def _missing(obj: Obj, body: Any) -> str:
         fields = {k: v for k, v in body.items() if k not in ("apiVersion", "kind", "metadata")}
         drifted = differences(fields, obj)
         return ", ".join(drifted)
+    appended: dict[str, list[Any]] = {}
     for op in body:
         if op.get("op") != "add":
             continue
-        *parents, last = op["path"].split("/")[1:]
-        node: Any = obj
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        # Compared as `differences` does: fields the server defaults are not differences.
-        if last == "-":  # appended: it must be there, and last (later entries win)
-            if not isinstance(node, list) or not node or differences(op["value"], node[-1]):
-                return f"{op['path']} does not end with the agent's entry"
-        elif not isinstance(node, dict) or differences(op["value"], node.get(last)):
-            return f"{op['path']} differs"
+        path = op["path"]
+        if path.endswith("/-"):
+            appended.setdefault(path[:-2], []).append(op["value"])
+        elif differences(op["value"], _at(obj, path)):
+            return f"{path} differs"
+    # Compared as `differences` does: fields the server defaults are not differences.
+    for path, values in appended.items():  # appended: last, in order (later entries win)
+        node = _at(obj, path)
+        tail = node[-len(values) :] if isinstance(node, list) else []
+        if len(tail) != len(values) or any(
+            differences(v, t) for v, t in zip(values, tail, strict=True)
+        ):
+            return f"{path} does not end with the agent's entries"
     return ""
+
+
+def _at(obj: Obj, path: str) -> Any:
+    node: Any = obj
+    for key in path.split("/")[1:]:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node

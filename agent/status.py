@@ -283,7 +283,7 @@ def _patches(
             "state": _EFFECT_STATE.get(e.state, FAILED),
             "message": e.message,
         }
-        for e in patch_effects.check(kube, list(sync.patches), ref, revision)
+        for e in patch_effects.check(kube, root["spec"].get("patches", []), ref, revision)
     ]
 
 

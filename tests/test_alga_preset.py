@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,17 @@ import pytest
 import yaml
 
 from agent.config import deep_merge
+from agent.presets import alga
 from kubesim import KubeSim, upstream
-from tests.conftest import BUNDLE, SHARED, agent_env, fast_run_args, run_agent
+from kubesim.store import ApiError
+from tests.conftest import (
+    BUNDLE,
+    SHARED,
+    agent_env,
+    fast_run_args,
+    run_agent,
+    writes_beyond_bookkeeping,
+)
 
 ALGA_DIR = SHARED / "alga"
 PROFILE = [
@@ -308,7 +319,7 @@ def test_base_mode_creates_the_values_config_maps(kubesim: KubeSim, write_config
     assert [p["target"]["name"] for p in root["spec"]["patches"]] == ["alga-core"]
     core_release = live_releases(kubesim)["alga-core"]
     assert core_release["spec"]["postRenderers"] == [
-        {"kustomize": {"images": [{"name": "busybox", "newTag": "1.36.1"}]}}
+        {"kustomize": {"images": [{"name": "busybox", "newTag": "1.37.0"}]}}
     ]
     assert len(core_release["spec"]["valuesFrom"]) == 1  # upstream's only
     for release in HELM_RELEASES:
@@ -454,6 +465,7 @@ def test_validate_accepts_the_preset_and_the_default(tmp_path: Path, write_confi
             },
             "alga.images.algaCore: needs a pinned image tag",
         ),
+        ({"images": {"redis": 8}}, "alga.images.redis: 8 must be a string; quote the tag"),
         ({"appUrl": "ftp://psa.example.test"}, "alga.appUrl: 'ftp://psa.example.test' is not"),
         ({"appUrl": "https://psa.example.test/app"}, "is not a site URL"),
         (
@@ -476,3 +488,279 @@ def test_validate_rejects_bad_site_values(
     assert result.code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- upstream drift, numeric-looking tags, the release --------------------------------------
+
+
+def run_against(kubesim: KubeSim, write_config: Any, profile: list[Obj], **alga: Any) -> Any:
+    with_upstream(kubesim, profile)
+    return run_agent(*fast_run_args(write_config(site_config(**alga)), kubesim.kubeconfig_path))
+
+
+def test_a_renamed_child_kustomization_fails_the_run(kubesim: KubeSim, write_config: Any) -> None:
+    def rename(obj: Obj) -> None:
+        obj["metadata"]["name"] = "alga-core-v2"
+
+    result = run_against(kubesim, write_config, edited("alga-core", rename))
+    assert result.code == 1, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "Kustomization flux-system/alga-core missing at commit "
+        "26bb86fa3aade6d4e4289db3a71f8803ed4ff144: upstream renamed or removed it"
+    ) in result.stderr
+    assert "alga-background" not in result.stderr  # the others took effect
+
+
+def test_a_renamed_values_config_map_fails_the_run(kubesim: KubeSim, write_config: Any) -> None:
+    def rename(obj: Obj) -> None:
+        obj["metadata"]["name"] = "appliance-values-mail"
+
+    result = run_against(kubesim, write_config, edited("appliance-values-email-service", rename))
+    assert result.code == 1, result.output
+    assert "ConfigMap alga-system/appliance-values-email-service missing at commit" in (
+        result.stderr
+    )
+    status = run_agent(
+        "status",
+        "--config",
+        str(write_config(site_config())),
+        "--kubeconfig",
+        str(kubesim.kubeconfig_path),
+        "-o",
+        "json",
+    )
+    assert status.code == 1
+    failed = [p for p in json.loads(status.stdout)["patches"] if p["state"] == "failed"]
+    assert [p["name"] for p in failed] == ["appliance-values-email-service"]
+
+
+UPSTREAM_PATCH = {
+    "target": {"kind": "HelmRelease", "name": "temporal"},
+    "patch": "- op: add\n  path: /spec/timeout\n  value: 45m\n",
+}
+
+
+def test_upstream_patches_on_a_child_are_never_dropped(kubesim: KubeSim, write_config: Any) -> None:
+    def add_patches(obj: Obj) -> None:
+        obj["spec"]["patches"] = [UPSTREAM_PATCH]
+
+    result = run_against(kubesim, write_config, edited("alga-background", add_patches))
+    assert result.code == 1, result.output
+    assert "testing value /spec/patches failed" in result.stderr
+    assert "the agent never drops upstream's" in result.stderr
+    # Flux's build failed as a whole: nothing was applied without upstream's patch.
+    assert not kubesim.exists(KS_API, "Kustomization", "alga-background", "flux-system")
+
+
+def test_upstream_patches_already_on_a_child_are_appended_to(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    """A cluster where Flux applied upstream's child with its own patches before (upstream's
+    workstation bootstrap, say): the agent appends its patch after upstream's."""
+    profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
+    child = next(o for o in profile if o["metadata"]["name"] == "alga-background")
+    crd = next(
+        d
+        for d in yaml.safe_load_all(BUNDLE.read_text())
+        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
+    )
+    kubesim.put(crd, "flux")
+    kubesim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
+    wait_for(lambda: kubesim.put(child, "kustomize-controller") if _served(kubesim) else None)
+    config = write_config(site_config())
+    result = run_against(kubesim, write_config, profile)
+    assert result.code == 0, result.output
+    patches = kubesim.get(KS_API, "Kustomization", "alga-background", "flux-system")["spec"][
+        "patches"
+    ]
+    assert patches[0] == UPSTREAM_PATCH and len(patches) == 5
+    temporal = live_releases(kubesim)["temporal"]
+    assert temporal["spec"]["timeout"] == "45m"  # upstream's patch took effect too
+    assert temporal["spec"]["valuesFrom"][-1]["valuesKey"] == "temporal.site.yaml"
+    kubesim.clear_log()
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert writes_beyond_bookkeeping(kubesim) == []
+
+
+def _served(sim: KubeSim) -> bool:
+    try:
+        sim.store.type_for_kind(KS_API, "Kustomization")
+    except ApiError:
+        return False
+    return True
+
+
+NUMERIC_LOOKING = {
+    "algaCore": "12345e67",
+    "workflowWorker": "1e5",
+    "emailService": "0x1F",
+    "temporalWorker": "true",
+    "redis": "010",
+    "pgbouncer": "1_000",
+}
+
+
+def go_yaml(texts: list[str]) -> list[Any]:
+    """Each YAML text as Go reads it (kubectl's sigs.k8s.io/yaml, as Helm and Flux do)."""
+    docs = [
+        f"apiVersion: example.com/v1\nkind: Probe\nmetadata:\n  name: p{i}\nvalue:\n"
+        + "".join(f"  {line}\n" for line in text.splitlines())
+        for i, text in enumerate(texts)
+    ]
+    out = subprocess.run(
+        ["kubectl", "annotate", "--local", "-f", "-", "checked=yes", "-o", "json"],
+        input="---\n".join(docs),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": "/dev/null"},
+    )
+    items, at, decoder = [], 0, json.JSONDecoder()
+    while out.stdout[at:].strip():  # one JSON object per document, back to back
+        at += len(out.stdout[at:]) - len(out.stdout[at:].lstrip())
+        item, at = decoder.raw_decode(out.stdout, at)
+        items.append(item)
+    return [item["value"] for item in sorted(items, key=lambda o: int(o["metadata"]["name"][1:]))]
+
+
+def generated_texts(root: Obj) -> list[str]:
+    """Every YAML text in the root's patches: the patches, the patches they carry, and the
+    values texts they put in ConfigMaps."""
+    texts, todo = [], [p["patch"] for p in root["spec"].get("patches", [])]
+    while todo:
+        text = todo.pop()
+        texts.append(text)
+        body = yaml.safe_load(text)
+        if isinstance(body, dict):
+            todo += [v for v in body.get("data", {}).values()]
+        else:
+            for op in body:
+                value = op.get("value")
+                for item in value if isinstance(value, list) else []:
+                    if isinstance(item, dict) and "patch" in item:
+                        todo.append(item["patch"])
+    return texts
+
+
+def tags_in(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k in ("tag", "newTag")] + [
+            t for v in node.values() for t in tags_in(v)
+        ]
+    if isinstance(node, list):
+        return [t for v in node for t in tags_in(v)]
+    return []
+
+
+@pytest.mark.parametrize("mode", ["profile", "base"])
+def test_numeric_looking_tags_reach_helm_as_strings(
+    kubesim: KubeSim, write_config: Any, mode: str
+) -> None:
+    root = run_mode(kubesim, write_config, mode, images=dict(NUMERIC_LOOKING))
+    texts = generated_texts(root)
+    if mode == "base":
+        for component in alga.COMPONENTS:
+            cm = kubesim.get("v1", "ConfigMap", f"appliance-values-{component}", "alga-system")
+            texts += list(cm["data"].values())
+    assert len(texts) >= 8
+    as_go = go_yaml(texts)
+    for text, go in zip(texts, as_go, strict=True):
+        assert go == yaml.safe_load(text), text  # Go and Python read the same values
+    tags = [t for go in as_go for t in tags_in(go)]
+    for tag in NUMERIC_LOOKING.values():
+        assert tag in tags
+    assert all(isinstance(t, str) for t in tags)
+    selection = kubesim.get("v1", "ConfigMap", "appliance-release-selection", "alga-system")
+    assert selection["data"]["algaCoreTag"] == "12345e67"
+
+
+def selection_of(sim: KubeSim) -> dict[str, str]:
+    data: dict[str, str] = sim.get("v1", "ConfigMap", "appliance-release-selection", "alga-system")[
+        "data"
+    ]
+    return data
+
+
+def test_profile_mode_keeps_the_release_selection_equal_to_the_tags(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    run_mode(kubesim, write_config, "profile")
+    kubesim.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "appliance-release-selection", "namespace": "alga-system"},
+            "data": {**selection_of(kubesim), "algaCoreTag": "moved-by-updater"},
+        },
+        "appliance-updater",
+    )
+    config = write_config(site_config())
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert selection_of(kubesim)["algaCoreTag"] == "a2cbb430"
+    # A new release in the config moves the pods' values and the selection together.
+    images = {"algaCore": "b0b0b0b0"}
+    newer = write_config(site_config(images=images, release={"version": "1.1"}), "n.yaml")
+    result = run_agent(*fast_run_args(newer, kubesim.kubeconfig_path))
+    assert result.code == 0, result.output
+    assert selection_of(kubesim)["algaCoreTag"] == "b0b0b0b0"
+    assert selection_of(kubesim)["releaseVersion"] == "1.1"
+    site = yaml.safe_load(
+        kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")["data"][
+            "alga-core.site.yaml"
+        ]
+    )
+    assert site["server"]["image"]["tag"] == site["setup"]["image"]["tag"] == "b0b0b0b0"
+
+
+def test_status_shows_a_release_selection_the_helm_releases_do_not_run(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    run_mode(kubesim, write_config, "base")
+    live_releases(kubesim)
+    kubesim.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "appliance-release-selection", "namespace": "alga-system"},
+            "data": {**selection_of(kubesim), "algaCoreTag": "half-updated"},
+        },
+        "appliance-updater",
+    )
+    config = write_config(site_config("base"))
+    # Base mode: the selection is the updater's; a run leaves it alone.
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert selection_of(kubesim)["algaCoreTag"] == "half-updated"
+    args = ["status", "--config", str(config), "--kubeconfig", str(kubesim.kubeconfig_path)]
+    report = run_agent(*args, "-o", "json")
+    assert report.code == 1
+    release = {r["image"]: r for r in json.loads(report.stdout)["release"]}
+    assert release["algaCore"]["state"] == "failed"
+    assert "selection half-updated, HelmRelease a2cbb430" in release["algaCore"]["message"]
+    assert release["emailService"]["state"] == "ready"
+    text = run_agent(*args).stdout
+    assert "✗ algaCore  selection half-updated, HelmRelease a2cbb430: finish the update" in text
+
+
+def test_images_lists_what_an_offline_first_boot_pulls(write_config: Any) -> None:
+    result = run_agent("images", "--config", str(write_config(site_config())))
+    assert result.code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(set(lines))
+    assert sum("ghcr.io/fluxcd/" in line for line in lines) == 4
+    assert "docker.io/rancher/local-path-provisioner:v0.0.31" in lines
+    for ref in (
+        "ghcr.io/nine-minds/alga-psa-ee:a2cbb430",
+        "ghcr.io/nine-minds/workflow-worker:a2cbb43",
+        "ghcr.io/nine-minds/email-service:61e4a00e",
+        "ghcr.io/nine-minds/temporal-worker:a2cbb43",
+        "ankane/pgvector:v0.5.1",
+        "busybox:1.37.0",
+        "redis:7.4.2",
+        "edoburu/pgbouncer:v1.25.1-p0",
+        "temporalio/auto-setup:1.27.2",
+        "temporalio/ui:2.30.0",
+        "node:20-alpine",
+    ):
+        assert ref in lines
+    assert not any(line.endswith(":latest") or ":" not in line for line in lines)

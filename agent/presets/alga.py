@@ -17,6 +17,7 @@ import yaml
 
 from agent.config import deep_merge
 from agent.errors import ConfigError
+from agent.patches import MARK, go_safe_yaml, guarded_add
 
 PROFILE = "talos-single-node"
 ROOT_PATHS = {
@@ -164,23 +165,6 @@ PRIVILEGED = {
 STORAGE_MANIFEST = Path(__file__).parent.parent / "manifests" / "local-path-storage.yaml"
 VALUES_NAMESPACE = "alga-system"
 SELECTION_NAME = "appliance-release-selection"
-
-
-class _GoSafeDumper(yaml.SafeDumper):
-    """Writes every string quoted (a literal block when it spans lines). Helm and Flux read
-    YAML with Go, which takes plain `1e5`, `12345e67`, `0x1F`, `010` or `1_000` for numbers
-    where PyYAML reads strings: a plain tag could reach the chart as `1e+05`."""
-
-
-def _quoted(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, "|" if "\n" in value else '"')
-
-
-_GoSafeDumper.add_representer(str, _quoted)
-
-
-def go_safe_yaml(data: Any) -> str:
-    return yaml.dump(data, Dumper=_GoSafeDumper, sort_keys=False)
 
 
 def _fail(source: str, field: str, message: str) -> ConfigError:
@@ -476,17 +460,6 @@ def values_config_maps(
     return out
 
 
-def guarded_add(path: str, value: Any) -> list[dict[str, Any]]:
-    """JSON patch ops setting `path` only where upstream has nothing there: the `test` for
-    null fails (and with it Flux's build, loudly) if upstream sets it, rather than the
-    `add` replacing upstream's. Kustomize's JSON patch (evanphx/json-patch) passes a null
-    test on a missing key; tested with kubectl kustomize."""
-    return [
-        {"op": "test", "path": path, "value": None},
-        {"op": "add", "path": path, "value": value},
-    ]
-
-
 def root_patches(
     site_values: dict[str, dict[str, Any]], tags: dict[str, str]
 ) -> list[dict[str, Any]]:
@@ -537,7 +510,7 @@ def root_patches(
                     "name": component,
                     "namespace": VALUES_NAMESPACE,
                 },
-                "patch": go_safe_yaml(ops),
+                "patch": MARK + go_safe_yaml(ops),
             }
         )
     for child, inner in child_patches.items():

@@ -92,9 +92,10 @@ def verify(ctx: RunContext) -> StepResult:
         return StepResult("verify", note="skipped in a dry run")
     repo_ref, ks_ref = desired.git_repository(sync), desired.kustomization(sync)
     first_look = list(ctx.sync_objects)  # what create-sync read saves the first requests
+    applied: list[Obj] = []  # the root's patches, as Flux has them
 
     def check() -> str | None:
-        nonlocal first_look
+        nonlocal first_look, applied
         repo: Obj | None
         ks: Obj | None
         if len(first_look) == 2:
@@ -107,6 +108,7 @@ def verify(ctx: RunContext) -> StepResult:
             return None
         if sync.patches and ks is not None and not observed_current(ks):  # an older spec
             return None
+        applied = (ks or {}).get("spec", {}).get("patches", [])
         return revision
 
     revision = wait_until(
@@ -117,7 +119,7 @@ def verify(ctx: RunContext) -> StepResult:
         # The last run checked these very patches at this very revision.
         return StepResult("verify", note=revision)
     ref = f"{sync.ref.kind} {sync.ref.value}"
-    effects = patch_effects.check(ctx.kube, list(sync.patches), ref, revision)
+    effects = patch_effects.check(ctx.kube, applied, ref, revision)
     failed = [e for e in effects if e.state == patch_effects.FAILED]
     if failed:
         raise BootstrapError(
