@@ -17,9 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
+from agent import config as config_module
+from agent import desired
 from agent.config import deep_merge
 from agent.presets import alga
 from kubesim import KubeSim, upstream
+from kubesim import kustomize as kubesim_kustomize
 from kubesim.store import ApiError
 from tests.conftest import (
     BUNDLE,
@@ -764,3 +767,47 @@ def test_images_lists_what_an_offline_first_boot_pulls(write_config: Any) -> Non
     ):
         assert ref in lines
     assert not any(line.endswith(":latest") or ":" not in line for line in lines)
+
+
+def kubectl_kustomize(where: Path, objects: list[Obj], patches: list[Obj]) -> list[Obj] | str:
+    """Real kustomize (kubectl's) on `objects` with `patches`: the objects, or its error."""
+    where.mkdir()
+    (where / "objects.yaml").write_text(yaml.safe_dump_all(objects))
+    (where / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["objects.yaml"], "patches": patches})
+    )
+    out = subprocess.run(["kubectl", "kustomize", str(where)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_name(objects: list[Obj]) -> dict[tuple[str, str], Obj]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_the_simulated_flux_builds_as_kustomize_does(tmp_path: Path, write_config: Any) -> None:
+    """kubesim's stand-in against `kubectl kustomize` on upstream's objects and the agent's
+    real patches: the profile, both children, upstream patches on a child (guarded: both
+    fail the build; appended: both keep upstream's)."""
+    config = config_module.load(write_config(site_config(images=dict(NUMERIC_LOOKING))))
+    root = desired.kustomization(config.sync)["spec"]["patches"]
+    built = kubesim_kustomize.build(PROFILE, root)
+    assert by_name(built) == by_name(kubectl_kustomize(tmp_path / "root", PROFILE, root))
+    paths = upstream.sources(PROFILE, CHILDREN)
+    for child in (o for o in built if o["kind"] == "Kustomization"):
+        objects, patches = paths[child["spec"]["path"]], child["spec"].get("patches", [])
+        real = kubectl_kustomize(tmp_path / child["metadata"]["name"], objects, patches)
+        assert by_name(kubesim_kustomize.build(objects, patches)) == by_name(real)
+    profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
+    real = kubectl_kustomize(tmp_path / "guarded", profile, root)
+    assert isinstance(real, str) and "testing value /spec/patches failed" in real
+    with pytest.raises(kubesim_kustomize.BuildError, match="testing value /spec/patches failed"):
+        kubesim_kustomize.build(profile, root)
+    index = next(i for i, p in enumerate(root) if p["target"]["name"] == "alga-background")
+    appended = desired.kustomization(config.sync, frozenset({index}))["spec"]["patches"]
+    real = kubectl_kustomize(tmp_path / "appended", profile, appended)
+    assert by_name(kubesim_kustomize.build(profile, appended)) == by_name(real)
+    assert by_name(real)[("Kustomization", "alga-background")]["spec"]["patches"][0] == (
+        UPSTREAM_PATCH
+    )

@@ -480,7 +480,8 @@ def root_patches(
                         "apiVersion": "v1",
                         "kind": "ConfigMap",
                         "metadata": {"name": config_map, "namespace": VALUES_NAMESPACE},
-                        "data": {site_values_key(component): go_safe_yaml(values)},
+                        # No final newline: kustomize drops it (seen with kubectl kustomize).
+                        "data": {site_values_key(component): go_safe_yaml(values).rstrip()},
                     }
                 ),
             }
@@ -510,7 +511,7 @@ def root_patches(
                     "name": component,
                     "namespace": VALUES_NAMESPACE,
                 },
-                "patch": MARK + go_safe_yaml(ops),
+                "patch": MARK + go_safe_yaml(ops).rstrip(),  # see the site values
             }
         )
     for child, inner in child_patches.items():
