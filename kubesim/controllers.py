@@ -13,7 +13,6 @@ from kubesim.store import ApiError, Store, condition, now
 
 SOURCE = ("source.toolkit.fluxcd.io", "gitrepositories")
 KUSTOMIZE = ("kustomize.toolkit.fluxcd.io", "kustomizations")
-HELM = ("helm.toolkit.fluxcd.io", "helmreleases")
 REQUESTED_AT = "reconcile.fluxcd.io/requestedAt"
 
 
@@ -84,32 +83,6 @@ class Controllers:
             self._git_repository(repo)
         for ks in self._objects(*KUSTOMIZE):
             self._kustomization(ks)
-        for release in self._objects(*HELM):
-            self._helm_release(release)
-
-    def _helm_release(self, release: dict[str, Any]) -> None:
-        """Installed at once, as fluxcd/helm-controller reports a first install: Ready and
-        Released True, reason InstallSucceeded, "Helm install succeeded for release
-        <namespace>/<name>.v1 with chart ..." (its install action; the wording as Flux users
-        see it in `kubectl get helmrelease`). No chart is rendered here."""
-        meta, spec = release["metadata"], release.get("spec", {})
-        if release.get("status", {}).get("observedGeneration") == meta["generation"]:
-            return
-        if not self._due(("helm", meta["namespace"], meta["name"], meta["generation"])):
-            return
-        where = spec.get("targetNamespace", meta["namespace"])
-        message = f"Helm install succeeded for release {where}/{spec.get('releaseName')}.v1"
-        self._set_status(
-            release,
-            {
-                "observedGeneration": meta["generation"],
-                "conditions": [
-                    condition("Ready", "True", "InstallSucceeded", message),
-                    condition("Released", "True", "InstallSucceeded", message),
-                ],
-            },
-            "helm-controller",
-        )
 
     def _deployment(self, d: dict[str, Any]) -> None:
         meta, status = d["metadata"], d.get("status", {})
