@@ -51,96 +51,96 @@ class PinnedImage:
     component: str  # the HelmRelease that starts it
     repository: str
     values: tuple[str, str] | None  # values keys of its repository and tag; None: hard-coded
-    upstream: str  # where upstream's chart names it (at the pinned commit)
 
 
 # Every image the appliance's HelmReleases can start with upstream's values at the pinned
-# commit (the README's table says which templates). Hocuspocus and the dev, hosted and
-# delete-PVC templates are disabled by upstream's appliance values and so are not here.
+# commit, each with the chart template that names it (tests/fixtures/alga-chart-images.yaml
+# lists them all). Hocuspocus and the dev, hosted and delete-PVC templates are off under
+# upstream's appliance values and so are not here.
 IMAGES = (
+    # helm/templates/deployment.yaml: server.image.name, server.image.tag
     PinnedImage(
         "algaCore",
         "alga-core",
         "ghcr.io/nine-minds/alga-psa-ee",
         ("server.image.name", "server.image.tag"),
-        "helm/templates/deployment.yaml: server.image.name, server.image.tag",
     ),
+    # helm/templates/jobs.yaml: setup.image.name, setup.image.tag
     PinnedImage(
         "algaCore",
         "alga-core",
         "ghcr.io/nine-minds/alga-psa-ee",
         ("setup.image.name", "setup.image.tag"),
-        "helm/templates/jobs.yaml: setup.image.name, setup.image.tag",
     ),
+    # helm/templates/deployment.yaml: setup.waitForBootstrap.image.name, .tag
     PinnedImage(
         "bootstrapWait",
         "alga-core",
         "ankane/pgvector",
         ("setup.waitForBootstrap.image.name", "setup.waitForBootstrap.image.tag"),
-        "helm/templates/deployment.yaml: setup.waitForBootstrap.image.name, .tag",
     ),
+    # helm/templates/postgres/statefulSet.yaml: db.image.repository, db.image.tag
     PinnedImage(
         "database",
         "alga-core",
         "ankane/pgvector",
         ("db.image.repository", "db.image.tag"),
-        "helm/templates/postgres/statefulSet.yaml: db.image.repository, db.image.tag",
     ),
+    # helm/templates/postgres/statefulSet.yaml: initContainer volume-prep, `image: busybox`
     PinnedImage(
         "volumePrep",
         "alga-core",
         "busybox",
         None,
-        "helm/templates/postgres/statefulSet.yaml: initContainer volume-prep, `image: busybox`",
     ),
+    # helm/templates/redis/statefulSet.yaml: redis.image.repository, redis.image.tag
     PinnedImage(
         "redis",
         "alga-core",
         "redis",
         ("redis.image.repository", "redis.image.tag"),
-        "helm/templates/redis/statefulSet.yaml: redis.image.repository, redis.image.tag",
     ),
+    # ee/helm/pgbouncer/templates/deployment.yaml: image.repository, image.tag
     PinnedImage(
         "pgbouncer",
         "pgbouncer",
         "edoburu/pgbouncer",
         ("image.repository", "image.tag"),
-        "ee/helm/pgbouncer/templates/deployment.yaml: image.repository, image.tag",
     ),
+    # ee/helm/temporal/templates/deployment.yaml, namespace-job.yaml: server.image.*
     PinnedImage(
         "temporalServer",
         "temporal",
         "temporalio/auto-setup",
         ("server.image.repository", "server.image.tag"),
-        "ee/helm/temporal/templates/deployment.yaml, namespace-job.yaml: server.image.*",
     ),
+    # ee/helm/temporal/templates/ui.yaml: ui.image.repository, ui.image.tag
     PinnedImage(
         "temporalUi",
         "temporal",
         "temporalio/ui",
         ("ui.image.repository", "ui.image.tag"),
-        "ee/helm/temporal/templates/ui.yaml: ui.image.repository, ui.image.tag",
     ),
+    # ee/helm/workflow-worker/templates/deployment.yaml: image.repository, image.tag
     PinnedImage(
         "workflowWorker",
         "workflow-worker",
         "ghcr.io/nine-minds/workflow-worker",
         ("image.repository", "image.tag"),
-        "ee/helm/workflow-worker/templates/deployment.yaml: image.repository, image.tag",
     ),
+    # ee/helm/email-service/templates/deployment.yaml: image.repository, image.tag
     PinnedImage(
         "emailService",
         "email-service",
         "ghcr.io/nine-minds/email-service",
         ("image.repository", "image.tag"),
-        "ee/helm/email-service/templates/deployment.yaml: image.repository, image.tag",
     ),
+    # ee/helm/temporal-worker/templates/deployment.yaml: image.repository, image.tag
     PinnedImage(
         "temporalWorker",
         "temporal-worker",
         "ghcr.io/nine-minds/temporal-worker",
         ("image.repository", "image.tag"),
-        "ee/helm/temporal-worker/templates/deployment.yaml: image.repository, image.tag",
     ),
 )
 IMAGE_KEYS = tuple(dict.fromkeys(i.key for i in IMAGES))
