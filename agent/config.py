@@ -9,11 +9,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.presets.alga import AlgaSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/alga-bootstrap/config.yaml")
 CONFIG_ENV = "ALGA_BOOTSTRAP_CONFIG"
@@ -111,9 +114,13 @@ class NamespaceSpec:
 
 @dataclass(frozen=True)
 class CreateOnceConfigMap:
+    """Created once and never overwritten; or, with `create_once` off, kept equal to `data`
+    on every run (the agent owns it)."""
+
     namespace: str
     name: str
     data: dict[str, str]
+    create_once: bool = True
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ class Config:
     record: RecordConfig
     lease: LeaseConfig
     talos: TalosConfig
+    alga: AlgaSettings | None = None  # set when the config has an `alga` section
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -325,10 +333,11 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             )
         preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
         data = deep_merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
+    alga_settings = None
     if "alga" in data:  # the Alga appliance's section becomes general site and sync settings
         from agent.presets import alga
 
-        data = alga.expand(data, source, base_dir)
+        data, alga_settings = alga.expand(data, source, base_dir)
     top = _Section(data, "", source, base_dir)
     config = Config(
         source=source,
@@ -339,6 +348,7 @@ def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         record=_record(top.section("record")),
         lease=_lease(top.section("lease")),
         talos=_talos(top.section("talos")),
+        alga=alga_settings,
     )
     top.raw("preset")
     top.close()
@@ -495,6 +505,7 @@ def _site(s: _Section) -> SiteConfig:
                 c.text("namespace", pattern=DNS_LABEL),
                 c.text("name", pattern=DNS_SUBDOMAIN),
                 c.string_map("data"),
+                c.flag("createOnce", True),
             )
         )
         c.close()

@@ -23,5 +23,6 @@ class RunContext:
     # The last recorded run succeeded with these very inputs: steps may confirm health with
     # a few reads instead of comparing every object.
     trust_previous: bool = False
+    previous_revision: str | None = None  # the revision the trusted run verified
     installed_flux_version: str | None = None
     sync_objects: list[Obj] = field(default_factory=list)  # live GitRepository, Kustomization

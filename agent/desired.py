@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from agent import patches
 from agent.config import (
     Config,
     CreateOnceConfigMap,
@@ -81,7 +82,9 @@ def git_repository(sync: SyncConfig) -> Obj:
     }
 
 
-def kustomization(sync: SyncConfig) -> Obj:
+def kustomization(sync: SyncConfig, append_to: frozenset[int] = frozenset()) -> Obj:
+    """The root Kustomization; the guarded patches at the indices in `append_to` become
+    appends (see agent.patches)."""
     spec: Obj = {
         "interval": sync.interval,
         "retryInterval": sync.retry_interval,
@@ -92,7 +95,9 @@ def kustomization(sync: SyncConfig) -> Obj:
         "sourceRef": {"kind": "GitRepository", "name": sync.name, "namespace": sync.namespace},
     }
     if sync.patches:
-        spec["patches"] = [dict(p) for p in sync.patches]
+        spec["patches"] = [
+            patches.as_append(p) if i in append_to else dict(p) for i, p in enumerate(sync.patches)
+        ]
     return {
         "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
         "kind": "Kustomization",

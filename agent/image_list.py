@@ -1,5 +1,6 @@
-"""`alga-bootstrap images`: every container image the first boot needs, for the Talos image
-cache (`talosctl images cache-create --images=-`)."""
+"""`alga-bootstrap images`: every container image a fully offline first boot pulls (Flux,
+storage, the application), for the Talos image cache (`talosctl images cache-create
+--images=-`)."""
 
 from __future__ import annotations
 
@@ -39,4 +40,9 @@ def first_boot_images(config: Config) -> list[str]:
     for manifest in config.site.manifests:
         for obj in load_manifest(manifest):
             found += _images_in(obj)
+    if config.alga is not None:
+        from agent.presets import alga
+
+        found += alga.image_refs(config.alga.tags)
+        found += alga.PLATFORM_IMAGES
     return list(dict.fromkeys(found))  # first-seen order, no repeats

@@ -192,6 +192,8 @@ def _steps(
         and previous.get("result") == "succeeded"
         and previous.get("inputsDigest") == digest
     )
+    if ctx.trust_previous and previous:
+        ctx.previous_revision = str(previous.get("revision") or "") or None
     results: list[StepResult] = []
     for name, step in STEPS:
         try:

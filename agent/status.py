@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import tenacity
+import yaml
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
-from agent import desired
+from agent import desired, patch_effects
 from agent.converge import condition, observed_current
 from agent.errors import (
     EXIT_FAILED,
@@ -154,6 +155,8 @@ def collect(
         "source": None,
         "kustomizations": [],
         "site": [],
+        "patches": [],
+        "release": [],
         "lastRun": None,
     }
     try:
@@ -231,16 +234,107 @@ def _collect(
     running = active_holder(
         kube.get("coordination.k8s.io/v1", "Lease", config.lease.name, config.record.namespace)
     )
+    report["patches"] = _patches(kube, config, root, report["source"])
+    if config.alga is not None:
+        report["release"] = _release(kube, config)
     report["lastRun"] = record.load(kube, config)
     states = [c["state"] for c in controllers] or [FAILED]
     states.append(report["source"]["state"] if report["source"] else FAILED)
     states += [s for node in report["kustomizations"] for s in _states(node)] or [FAILED]
     states += [READY if item["present"] else FAILED for item in report["site"]]
+    states += [p["state"] for p in report["patches"]]
+    states += [r["state"] for r in report["release"]]
     report["state"] = _worst(states)
     if report["lastRun"] is None and report["state"] != READY:
         # A first boot: in progress while a run holds the lease, else not started (or cut off).
         report["state"] = PROGRESSING if running else NOT_BOOTSTRAPPED
     return report
+
+
+_EFFECT_STATE = {patch_effects.OK: READY, patch_effects.PENDING: PROGRESSING}
+
+
+def _patches(
+    kube: Kube, config: config_module.Config, root: Obj | None, source: Obj | None
+) -> list[Obj]:
+    """Whether each of the root's patches took effect (see patch_effects)."""
+    sync = config.sync
+    if not sync.patches or root is None or source is None:
+        return []
+    revision = source["revision"]
+    if not observed_current(root) or root.get("status", {}).get("lastAttemptedRevision") != (
+        revision
+    ):
+        return [
+            {
+                "kind": "Kustomization",
+                "namespace": sync.namespace,
+                "name": sync.name,
+                "state": PROGRESSING,
+                "message": "patches not applied yet",
+            }
+        ]
+    ref = f"{sync.ref.kind} {sync.ref.value}"
+    return [
+        {
+            "kind": e.kind,
+            "namespace": e.namespace,
+            "name": e.name,
+            "state": _EFFECT_STATE.get(e.state, FAILED),
+            "message": e.message,
+        }
+        for e in patch_effects.check(kube, root["spec"].get("patches", []), ref, revision)
+    ]
+
+
+def _release(kube: Kube, config: config_module.Config) -> list[Obj]:
+    """The release selection against the tags configured on the HelmReleases (their values
+    merged as helm-controller merges them), and in profile mode against the config."""
+    from agent.presets import alga
+
+    assert config.alga is not None
+    selection = kube.get("v1", "ConfigMap", alga.SELECTION_NAME, alga.VALUES_NAMESPACE)
+    selected = (selection or {}).get("data") or {}
+    values = {}
+    for component in {i.component for i in alga.IMAGES if i.key in alga.SELECTION_KEYS}:
+        release = kube.get("helm.toolkit.fluxcd.io/v2", "HelmRelease", component, "alga-system")
+        if release is not None:
+            values[component] = _helm_values(kube, release)
+    fix = (
+        "re-run `alga-bootstrap run` (it keeps the selection equal to alga.images)"
+        if config.alga.mode == "profile"
+        else "finish the update from the appliance's status page, or set the same tags in "
+        "the values ConfigMaps and the release selection"
+    )
+    out = []
+    for key, running in alga.configured_tags(values).items():
+        wanted = selected.get(alga.SELECTION_KEYS[key])
+        configured = config.alga.tags[key]
+        if config.alga.mode == "profile" and wanted != configured:
+            state, message = FAILED, f"selection {wanted}, config {configured}: {fix}"
+        elif running is not None and running != wanted:
+            state, message = FAILED, f"selection {wanted}, HelmRelease {running}: {fix}"
+        else:
+            state = READY if running is not None else PROGRESSING
+            message = f"{wanted}" if running is not None else f"{wanted} (no HelmRelease yet)"
+        out.append({"image": key, "state": state, "message": message})
+    return out
+
+
+def _helm_values(kube: Kube, release: Obj) -> Obj:
+    """The values helm-controller gives the chart: each `valuesFrom` ConfigMap key merged in
+    order (later wins), then `spec.values` (Flux docs, HelmRelease API, "Values references")."""
+    merged: Obj = {}
+    namespace = release["metadata"]["namespace"]
+    for ref in release.get("spec", {}).get("valuesFrom", []):
+        if ref.get("kind") != "ConfigMap":
+            continue
+        cm = kube.get("v1", "ConfigMap", ref["name"], namespace) or {}
+        text = (cm.get("data") or {}).get(ref.get("valuesKey", "values.yaml"))
+        loaded = yaml.safe_load(text) if text else None
+        if isinstance(loaded, dict):
+            merged = config_module.deep_merge(merged, loaded)
+    return config_module.deep_merge(merged, release.get("spec", {}).get("values") or {})
 
 
 def _site(kube: Kube, config: config_module.Config) -> list[Obj]:
@@ -328,6 +422,17 @@ def render_text(report: Obj, colour: bool) -> str:
         tree(node, 0)
     if not report["kustomizations"]:
         lines.append(f"    {mark(missing)} root Kustomization missing")
+    if report["patches"]:
+        lines.append("  Patches")
+    for item in report["patches"]:
+        lines.append(
+            f"    {mark(item['state'])} {item['kind']} {item['namespace']}/{item['name']}  "
+            f"{item['message']}"
+        )
+    if report["release"]:
+        lines.append("  Release")
+    for item in report["release"]:
+        lines.append(f"    {mark(item['state'])} {item['image']}  {item['message']}")
     lines.append("  Site")
     for item in report["site"]:
         where = f"{item['namespace']}/" if item["namespace"] else ""

@@ -23,7 +23,7 @@ import yaml
 from agent import config as config_module
 from agent import desired
 from agent.steps import create_sync, seed_site
-from kubesim import KubeSim
+from kubesim import KubeSim, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO.parent / "shared" / "flux" / "v2.9.4" / "gotk-components.yaml"
@@ -66,12 +66,15 @@ def the_same_objects(config: config_module.Config, path: Path) -> None:
 
 
 def new_sim(work: Path, name: str) -> KubeSim:
-    return KubeSim(
+    sim = KubeSim(
         kubeconfig_out=work / f"{name}.kubeconfig",
         latency_ms=LATENCY_MS,
         controllers=True,
         controller_delay=CONTROLLER_DELAY,
-    ).start()
+    )
+    # The stand-in Flux applies upstream's appliance, so the agent can check its patches.
+    sim.controllers.sources.update(upstream.reference_sources(REPO.parent / "shared" / "alga"))
+    return sim.start()
 
 
 def measured(sim: KubeSim, seconds: float, rss_kb: int) -> dict[str, Any]:

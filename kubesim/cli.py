@@ -6,7 +6,9 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
+from kubesim import upstream
 from kubesim.server import KubeSim
 
 
@@ -25,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stand-in controllers: Deployments and Flux objects become Ready",
     )
     serve.add_argument("--controller-delay", type=float, default=0.2, metavar="S")
+    serve.add_argument(
+        "--alga-reference",
+        metavar="DIR",
+        help="upstream's rendered Alga appliance (../shared/alga): the stand-in "
+        "Kustomizations apply it, with their patches",
+    )
     serve.add_argument("--request-log", help="append every request as a JSON line")
     serve.add_argument("--k8s-version", default="1.33.2")
     serve.add_argument(
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         refuse_seconds=args.refuse_seconds,
         readyz_unavailable_seconds=args.readyz_unavailable_seconds,
     )
+    if args.alga_reference:
+        sim.controllers.sources.update(upstream.reference_sources(Path(args.alga_reference)))
     if args.fail_next:
         retry_after = args.fail_retry_after
         if retry_after is None and args.fail_status == 429:

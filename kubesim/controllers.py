@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubesim import kustomize
 from kubesim.store import ApiError, Store, condition, now
 
 SOURCE = ("source.toolkit.fluxcd.io", "gitrepositories")
@@ -33,6 +34,9 @@ class Controllers:
     # GitRepositories (by URL) the stand-in never reconciles, as when source-controller is
     # not running: the object keeps no status, so it never becomes Ready.
     unreconciled_sources: set[str] = field(default_factory=set)
+    # What the source holds at each Kustomization path (rendered objects): given one, the
+    # Kustomization builds it with its patches and applies it, as kustomize-controller does.
+    sources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     _first_seen: dict[tuple[Any, ...], float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -191,13 +195,43 @@ class Controllers:
                     condition("Stalled", "True", failure.reason, failure.message)
                 )
         else:
-            new["lastAttemptedRevision"] = new["lastAppliedRevision"] = revision
-            new["conditions"] = [
-                condition(
-                    "Ready", "True", "ReconciliationSucceeded", f"Applied revision: {revision}"
-                )
-            ]
+            new["lastAttemptedRevision"] = revision
+            try:
+                self._build_and_apply(ks)
+            except kustomize.BuildError as err:
+                new["lastAppliedRevision"] = status.get("lastAppliedRevision", "")
+                new["conditions"] = [
+                    condition("Ready", "False", "BuildFailed", f"kustomize build failed: {err}")
+                ]
+            else:
+                new["lastAppliedRevision"] = revision
+                new["conditions"] = [
+                    condition(
+                        "Ready", "True", "ReconciliationSucceeded", f"Applied revision: {revision}"
+                    )
+                ]
         self._set_status(ks, new, "kustomize-controller")
+
+    def _build_and_apply(self, ks: dict[str, Any]) -> None:
+        """fluxcd/kustomize-controller `internal/controller/kustomization_controller.go`
+        (`reconcile`: build, then server-side apply, Namespaces first, each object labelled
+        `kustomize.toolkit.fluxcd.io/name` and `/namespace`; a build error applies nothing
+        and reports BuildFailed). No pruning, no health checks here."""
+        meta, spec = ks["metadata"], ks.get("spec", {})
+        objects = self.sources.get(spec.get("path", ""))
+        if objects is None:
+            return
+        built = kustomize.build(objects, spec.get("patches", []))
+        built.sort(key=lambda o: o["kind"] != "Namespace")
+        for obj in built:
+            labels = obj.setdefault("metadata", {}).setdefault("labels", {})
+            labels["kustomize.toolkit.fluxcd.io/name"] = meta["name"]
+            labels["kustomize.toolkit.fluxcd.io/namespace"] = meta["namespace"]
+            t = self.store.type_for_kind(obj["apiVersion"], obj["kind"])
+            m = obj["metadata"]
+            self.store.apply(
+                t, m.get("namespace", ""), m["name"], obj, "kustomize-controller", True
+            )
 
     def _source(self, namespace: str, name: str) -> dict[str, Any] | None:
         for repo in self._objects(*SOURCE):

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
+import os
 import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,21 @@ from typing import Any
 import pytest
 import yaml
 
-from kubesim import KubeSim
-from tests.conftest import BUNDLE, SHARED, agent_env, fast_run_args, run_agent
+from agent import config as config_module
+from agent import desired
+from agent.config import deep_merge
+from agent.presets import alga
+from kubesim import KubeSim, upstream
+from kubesim import kustomize as kubesim_kustomize
+from kubesim.store import ApiError
+from tests.conftest import (
+    BUNDLE,
+    SHARED,
+    agent_env,
+    fast_run_args,
+    run_agent,
+    writes_beyond_bookkeeping,
+)
 
 ALGA_DIR = SHARED / "alga"
 PROFILE = [
@@ -119,77 +136,89 @@ def check_common_references(sim: KubeSim) -> None:
         assert expected.items() <= live.items()
 
 
-# -- a small stand-in for the kustomize patching Flux does -------------------------------------
+# -- upstream's appliance, applied by the stand-in Flux ----------------------------------------
+
+FIXTURE = yaml.safe_load(
+    (Path(__file__).parent / "fixtures" / "alga-chart-images.yaml").read_text()
+)
+HR_API = "helm.toolkit.fluxcd.io/v2"
+KS_API = "kustomize.toolkit.fluxcd.io/v1"
 
 
-def _matches(target: dict[str, str], obj: Obj) -> bool:
-    group = obj["apiVersion"].rpartition("/")[0]
-    return (
-        target.get("kind", obj["kind"]) == obj["kind"]
-        and re.fullmatch(target.get("name", ".*"), obj["metadata"]["name"]) is not None
-        and target.get("namespace", obj["metadata"].get("namespace"))
-        == obj["metadata"].get("namespace")
-        and target.get("group", group) == group
-    )
+def with_upstream(sim: KubeSim, profile: list[Obj] | None = None) -> KubeSim:
+    """The stand-in kustomize-controller applies upstream's rendered objects (or edited
+    copies of the profile) at their paths, with each Kustomization's patches."""
+    sim.controllers.sources.update(upstream.sources(profile or PROFILE, CHILDREN))
+    return sim
 
 
-def _merge(base: Obj, overlay: Obj) -> Obj:
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = (
-            _merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else copy.deepcopy(value)
-        )
-    return out
+@pytest.fixture
+def kubesim(kubesim_factory: Any) -> KubeSim:
+    return with_upstream(kubesim_factory(controllers=True, controller_delay=0.05))
 
 
-def apply_patches(objects: list[Obj], patches: list[Obj]) -> list[Obj]:
-    """Strategic merge (maps) and JSON6902 `add` (`/x/-` appends to list x): the two patch
-    forms the preset uses."""
-    fixed = []
-    for patch in patches:
-        body = yaml.safe_load(patch["patch"])
-        if isinstance(body, list):
-            for op in body:
-                if op["path"].endswith("/-"):
-                    op["path"] = op["path"][:-2]
-                    op["value"] = [op["value"]]
-                    op["append"] = True
-            patch = {**patch, "patch": yaml.safe_dump(body)}
-        fixed.append(patch)
-    out = copy.deepcopy(objects)
-    for patch in fixed:
-        body = yaml.safe_load(patch["patch"])
-        for obj in out:
-            if not _matches(patch["target"], obj):
-                continue
-            if isinstance(body, dict):
-                obj.update(_merge(obj, body))
-                continue
-            for op in body:
-                *parents, last = op["path"].strip("/").split("/")
-                node = obj
-                for key in parents:
-                    node = node[key]
-                if op.get("append"):
-                    node[last] = node[last] + op["value"]
-                else:
-                    node[last] = copy.deepcopy(op["value"])
-    return out
+def wait_for(check: Any, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def live_releases(sim: KubeSim) -> dict[str, Obj]:
+    """The six HelmReleases, once the child Kustomizations applied them."""
+
+    def all_six() -> dict[str, Obj] | None:
+        names = [r["metadata"]["name"] for r in HELM_RELEASES]
+        if all(sim.exists(HR_API, "HelmRelease", n, "alga-system") for n in names):
+            return {n: sim.get(HR_API, "HelmRelease", n, "alga-system") for n in names}
+        return None
+
+    found: dict[str, Obj] = wait_for(all_six)
+    return found
+
+
+def helm_values(sim: KubeSim, release: Obj) -> Obj:
+    """What helm-controller gives the chart: the valuesFrom keys merged in order."""
+    merged: Obj = {}
+    for ref in release["spec"]["valuesFrom"]:
+        cm = sim.get("v1", "ConfigMap", ref["name"], "alga-system")
+        merged = deep_merge(merged, yaml.safe_load(cm["data"][ref["valuesKey"]]))
+    return merged
+
+
+def lookup(values: Obj, key: str) -> Any:
+    node: Any = values
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def pinned(tag: Any) -> bool:
+    return isinstance(tag, str) and tag not in ("", "latest")
+
+
+def edited(name: str, change: Any) -> list[Obj]:
+    """A copy of upstream's profile with the object `name` changed."""
+    profile = copy.deepcopy(PROFILE)
+    for obj in profile:
+        if obj["metadata"]["name"] == name:
+            change(obj)
+    return profile
 
 
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def run_mode(kubesim: KubeSim, write_config: Any, mode: str) -> Obj:
+def run_mode(kubesim: KubeSim, write_config: Any, mode: str, **alga_fields: Any) -> Obj:
     """Run the preset in `mode`, check what every mode needs; the root Kustomization."""
-    result = run_agent(*fast_run_args(write_config(site_config(mode)), kubesim.kubeconfig_path))
+    config = write_config(site_config(mode, **alga_fields))
+    result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path))
     assert result.code == 0, result.output
     check_common_references(kubesim)
-    root: Obj = kubesim.get(
-        "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "alga-appliance", "flux-system"
-    )
+    root: Obj = kubesim.get(KS_API, "Kustomization", "alga-appliance", "flux-system")
     return root
 
 
@@ -199,53 +228,103 @@ def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: 
     assert {
         k: root["spec"][k] for k in ("interval", "retryInterval", "timeout", "prune", "wait")
     } == {"interval": "5m", "retryInterval": "1m", "timeout": "2m", "prune": True, "wait": True}
-    # Flux owns the values ConfigMaps from Git: the agent must not have created them.
-    assert not kubesim.exists("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")
-    # Render as Flux would: the profile with the root's patches, then each child
-    # Kustomization's (patched) patches on the HelmReleases it renders.
-    profile = apply_patches(PROFILE, root["spec"]["patches"])
-    config_maps = {d["metadata"]["name"]: d for d in profile if d["kind"] == "ConfigMap"}
-    children = {d["metadata"]["name"]: d for d in profile if d["kind"] == "Kustomization"}
-    releases = HELM_RELEASES
-    for child in children.values():
-        releases = apply_patches(releases, child["spec"].get("patches", []))
-    for release in releases:
-        component = release["metadata"]["name"]
-        for ref in release["spec"]["valuesFrom"]:
-            assert ref["kind"] == "ConfigMap"
-            assert ref["valuesKey"] in config_maps[ref["name"]]["data"], (component, ref)
-        site_keys = [
-            r["valuesKey"]
-            for r in release["spec"]["valuesFrom"]
-            if r["valuesKey"].endswith(".site.yaml")
+    # Flux owns the values ConfigMaps from Git: the agent did not create them, Flux did.
+    cm = kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")
+    assert cm["metadata"]["labels"]["kustomize.toolkit.fluxcd.io/name"] == "alga-appliance"
+    for component, release in live_releases(kubesim).items():
+        refs = release["spec"]["valuesFrom"]
+        # Upstream's values first, the site's last (later entries win in Helm).
+        assert refs[0]["valuesKey"] == f"{component}.talos-single-node.yaml"
+        assert refs[-1]["valuesKey"] == f"{component}.site.yaml"
+        for ref in refs:
+            data = kubesim.get("v1", "ConfigMap", ref["name"], "alga-system")["data"]
+            assert ref["valuesKey"] in data, (component, ref)
+    core = yaml.safe_load(
+        kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")["data"][
+            "alga-core.site.yaml"
         ]
-        # Upstream's values first, the site's after them (later entries win in Helm).
-        assert (
-            release["spec"]["valuesFrom"][0]["valuesKey"] == f"{component}.talos-single-node.yaml"
-        )
-        if component in ("alga-core", "workflow-worker", "email-service", "temporal-worker"):
-            assert len(site_keys) == 1
-            site = yaml.safe_load(
-                config_maps[f"appliance-values-{component}"]["data"][site_keys[0]]
-            )
-            tags = re.findall(r"'tag': '([^']+)'", str(site))
-            assert tags and "latest" not in tags
-    core = yaml.safe_load(config_maps["appliance-values-alga-core"]["data"]["alga-core.site.yaml"])
+    )
     assert core["appUrl"] == SITE_URL and core["host"] == "psa.example.test"
-    assert core["server"]["image"]["tag"] == "a2cbb430"
+    assert core["server"]["image"] == {"name": "ghcr.io/nine-minds/alga-psa-ee", "tag": "a2cbb430"}
     assert core["setup"]["waitForBootstrap"]["image"]["tag"] == "v0.5.1"
     # Upstream's own values keys are untouched by the patches.
     original = next(d for d in PROFILE if d["metadata"]["name"] == "appliance-values-alga-core")
     assert (
-        config_maps["appliance-values-alga-core"]["data"]["alga-core.talos-single-node.yaml"]
-        == original["data"]["alga-core.talos-single-node.yaml"]
+        cm["data"]["alga-core.talos-single-node.yaml"]
+        == (original["data"]["alga-core.talos-single-node.yaml"])
     )
+    # status agrees: every patch in effect, the release selection equal to what runs.
+    status = run_agent(
+        "status",
+        "--config",
+        str(write_config(site_config())),
+        "--kubeconfig",
+        str(kubesim.kubeconfig_path),
+        "-o",
+        "json",
+    )
+    report = json.loads(status.stdout)
+    assert report["patches"] and {p["state"] for p in report["patches"]} == {"ready"}
+    assert {r["state"] for r in report["release"]} == {"ready"}
+
+
+def test_every_image_the_charts_can_start_is_pinned(kubesim: KubeSim, write_config: Any) -> None:
+    """From upstream's files: each image reference in the charts (the fixture, read from the
+    templates at the pinned commit) that upstream's values leave enabled is set by the
+    preset to a pinned tag, or pinned by the post-renderer when the chart hard-codes it."""
+    run_mode(kubesim, write_config, "profile")
+    releases = live_releases(kubesim)
+    charts = {r["spec"]["chart"]["spec"]["chart"]: n for n, r in releases.items()}
+    assert set(charts) == set(FIXTURE["images"])  # a chart upstream adds fails here
+    checked = []
+    for chart, entries in FIXTURE["images"].items():
+        release = releases[charts[chart]]
+        site_key = release["spec"]["valuesFrom"][-1]
+        site = yaml.safe_load(
+            kubesim.get("v1", "ConfigMap", site_key["name"], "alga-system")["data"][
+                site_key["valuesKey"]
+            ]
+        )
+        values = deep_merge(FIXTURE["defaults"][chart], helm_values(kubesim, release))
+        pins = [
+            i
+            for r in release["spec"].get("postRenderers", [])
+            for i in r.get("kustomize", {}).get("images", [])
+        ]
+        for entry in entries:
+            (key, off), *_ = (entry.get("disabledWhen") or {"": object()}).items()
+            if key and bool(lookup(values, key)) == bool(off):
+                continue  # upstream's values leave this template off
+            if "hardcoded" in entry:
+                name = entry["hardcoded"].split(":")[0]
+                pin = next(p for p in pins if p["name"] == name)
+                assert pinned(pin.get("newTag")) or pin.get("digest", "").startswith("sha256:")
+            else:
+                assert lookup(site, entry["tag"]) == lookup(values, entry["tag"])
+                assert pinned(lookup(values, entry["tag"])), (chart, entry)
+                assert lookup(values, entry["repository"]), (chart, entry)
+            checked.append(entry["file"])
+    assert len(checked) == 13  # the rest are off under upstream's appliance values
+    # The image list names exactly what these values start.
+    listed = run_agent("images", "--config", str(write_config(site_config()))).stdout.split()
+    for chart, entries in FIXTURE["images"].items():
+        values = helm_values(kubesim, releases[charts[chart]])
+        for entry in entries:
+            if "tag" in entry and entry["file"] in checked and lookup(values, entry["repository"]):
+                ref = f"{lookup(values, entry['repository'])}:{lookup(values, entry['tag'])}"
+                assert ref in listed
 
 
 def test_base_mode_creates_the_values_config_maps(kubesim: KubeSim, write_config: Any) -> None:
     root = run_mode(kubesim, write_config, "base")
     assert root["spec"]["path"] == "./ee/appliance/flux/base"
-    assert "patches" not in root["spec"]
+    # Only the image the chart hard-codes is pinned by a patch; the values are in ConfigMaps.
+    assert [p["target"]["name"] for p in root["spec"]["patches"]] == ["alga-core"]
+    core_release = live_releases(kubesim)["alga-core"]
+    assert core_release["spec"]["postRenderers"] == [
+        {"kustomize": {"images": [{"name": "busybox", "newTag": "1.37.0"}]}}
+    ]
+    assert len(core_release["spec"]["valuesFrom"]) == 1  # upstream's only
     for release in HELM_RELEASES:
         for ref in release["spec"]["valuesFrom"]:
             cm = kubesim.get("v1", "ConfigMap", ref["name"], "alga-system")
@@ -389,6 +468,7 @@ def test_validate_accepts_the_preset_and_the_default(tmp_path: Path, write_confi
             },
             "alga.images.algaCore: needs a pinned image tag",
         ),
+        ({"images": {"redis": 8}}, "alga.images.redis: 8 must be a string; quote the tag"),
         ({"appUrl": "ftp://psa.example.test"}, "alga.appUrl: 'ftp://psa.example.test' is not"),
         ({"appUrl": "https://psa.example.test/app"}, "is not a site URL"),
         (
@@ -411,3 +491,323 @@ def test_validate_rejects_bad_site_values(
     assert result.code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- upstream drift, numeric-looking tags, the release --------------------------------------
+
+
+def run_against(kubesim: KubeSim, write_config: Any, profile: list[Obj], **alga: Any) -> Any:
+    with_upstream(kubesim, profile)
+    return run_agent(*fast_run_args(write_config(site_config(**alga)), kubesim.kubeconfig_path))
+
+
+def test_a_renamed_child_kustomization_fails_the_run(kubesim: KubeSim, write_config: Any) -> None:
+    def rename(obj: Obj) -> None:
+        obj["metadata"]["name"] = "alga-core-v2"
+
+    result = run_against(kubesim, write_config, edited("alga-core", rename))
+    assert result.code == 1, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "Kustomization flux-system/alga-core missing at commit "
+        "26bb86fa3aade6d4e4289db3a71f8803ed4ff144: upstream renamed or removed it"
+    ) in result.stderr
+    assert "alga-background" not in result.stderr  # the others took effect
+
+
+def test_a_renamed_values_config_map_fails_the_run(kubesim: KubeSim, write_config: Any) -> None:
+    def rename(obj: Obj) -> None:
+        obj["metadata"]["name"] = "appliance-values-mail"
+
+    result = run_against(kubesim, write_config, edited("appliance-values-email-service", rename))
+    assert result.code == 1, result.output
+    assert "ConfigMap alga-system/appliance-values-email-service missing at commit" in (
+        result.stderr
+    )
+    status = run_agent(
+        "status",
+        "--config",
+        str(write_config(site_config())),
+        "--kubeconfig",
+        str(kubesim.kubeconfig_path),
+        "-o",
+        "json",
+    )
+    assert status.code == 1
+    failed = [p for p in json.loads(status.stdout)["patches"] if p["state"] == "failed"]
+    assert [p["name"] for p in failed] == ["appliance-values-email-service"]
+
+
+UPSTREAM_PATCH = {
+    "target": {"kind": "HelmRelease", "name": "temporal"},
+    "patch": "- op: add\n  path: /spec/timeout\n  value: 45m\n",
+}
+
+
+def test_upstream_patches_on_a_child_are_never_dropped(kubesim: KubeSim, write_config: Any) -> None:
+    def add_patches(obj: Obj) -> None:
+        obj["spec"]["patches"] = [UPSTREAM_PATCH]
+
+    result = run_against(kubesim, write_config, edited("alga-background", add_patches))
+    assert result.code == 1, result.output
+    assert "testing value /spec/patches failed" in result.stderr
+    assert "the agent never drops upstream's" in result.stderr
+    # Flux's build failed as a whole: nothing was applied without upstream's patch.
+    assert not kubesim.exists(KS_API, "Kustomization", "alga-background", "flux-system")
+
+
+def test_upstream_patches_already_on_a_child_are_appended_to(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    """A cluster where Flux applied upstream's child with its own patches before (upstream's
+    workstation bootstrap, say): the agent appends its patch after upstream's."""
+    profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
+    child = next(o for o in profile if o["metadata"]["name"] == "alga-background")
+    crd = next(
+        d
+        for d in yaml.safe_load_all(BUNDLE.read_text())
+        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
+    )
+    kubesim.put(crd, "flux")
+    kubesim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
+    wait_for(lambda: kubesim.put(child, "kustomize-controller") if _served(kubesim) else None)
+    config = write_config(site_config())
+    result = run_against(kubesim, write_config, profile)
+    assert result.code == 0, result.output
+    patches = kubesim.get(KS_API, "Kustomization", "alga-background", "flux-system")["spec"][
+        "patches"
+    ]
+    assert patches[0] == UPSTREAM_PATCH and len(patches) == 5
+    temporal = live_releases(kubesim)["temporal"]
+    assert temporal["spec"]["timeout"] == "45m"  # upstream's patch took effect too
+    assert temporal["spec"]["valuesFrom"][-1]["valuesKey"] == "temporal.site.yaml"
+    kubesim.clear_log()
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert writes_beyond_bookkeeping(kubesim) == []
+
+
+def _served(sim: KubeSim) -> bool:
+    try:
+        sim.store.type_for_kind(KS_API, "Kustomization")
+    except ApiError:
+        return False
+    return True
+
+
+NUMERIC_LOOKING = {
+    "algaCore": "12345e67",
+    "workflowWorker": "1e5",
+    "emailService": "0x1F",
+    "temporalWorker": "true",
+    "redis": "010",
+    "pgbouncer": "1_000",
+}
+
+
+def go_yaml(texts: list[str]) -> list[Any]:
+    """Each YAML text as Go reads it (kubectl's sigs.k8s.io/yaml, as Helm and Flux do)."""
+    docs = [
+        f"apiVersion: example.com/v1\nkind: Probe\nmetadata:\n  name: p{i}\nvalue:\n"
+        + "".join(f"  {line}\n" for line in text.splitlines())
+        for i, text in enumerate(texts)
+    ]
+    out = subprocess.run(
+        ["kubectl", "annotate", "--local", "-f", "-", "checked=yes", "-o", "json"],
+        input="---\n".join(docs),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": "/dev/null"},
+    )
+    items, at, decoder = [], 0, json.JSONDecoder()
+    while out.stdout[at:].strip():  # one JSON object per document, back to back
+        at += len(out.stdout[at:]) - len(out.stdout[at:].lstrip())
+        item, at = decoder.raw_decode(out.stdout, at)
+        items.append(item)
+    return [item["value"] for item in sorted(items, key=lambda o: int(o["metadata"]["name"][1:]))]
+
+
+def generated_texts(root: Obj) -> list[str]:
+    """Every YAML text in the root's patches: the patches, the patches they carry, and the
+    values texts they put in ConfigMaps."""
+    texts, todo = [], [p["patch"] for p in root["spec"].get("patches", [])]
+    while todo:
+        text = todo.pop()
+        texts.append(text)
+        body = yaml.safe_load(text)
+        if isinstance(body, dict):
+            todo += [v for v in body.get("data", {}).values()]
+        else:
+            for op in body:
+                value = op.get("value")
+                for item in value if isinstance(value, list) else []:
+                    if isinstance(item, dict) and "patch" in item:
+                        todo.append(item["patch"])
+    return texts
+
+
+def tags_in(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k in ("tag", "newTag")] + [
+            t for v in node.values() for t in tags_in(v)
+        ]
+    if isinstance(node, list):
+        return [t for v in node for t in tags_in(v)]
+    return []
+
+
+@pytest.mark.parametrize("mode", ["profile", "base"])
+def test_numeric_looking_tags_reach_helm_as_strings(
+    kubesim: KubeSim, write_config: Any, mode: str
+) -> None:
+    root = run_mode(kubesim, write_config, mode, images=dict(NUMERIC_LOOKING))
+    texts = generated_texts(root)
+    if mode == "base":
+        for component in alga.COMPONENTS:
+            cm = kubesim.get("v1", "ConfigMap", f"appliance-values-{component}", "alga-system")
+            texts += list(cm["data"].values())
+    assert len(texts) >= 8
+    as_go = go_yaml(texts)
+    for text, go in zip(texts, as_go, strict=True):
+        assert go == yaml.safe_load(text), text  # Go and Python read the same values
+    tags = [t for go in as_go for t in tags_in(go)]
+    for tag in NUMERIC_LOOKING.values():
+        assert tag in tags
+    assert all(isinstance(t, str) for t in tags)
+    selection = kubesim.get("v1", "ConfigMap", "appliance-release-selection", "alga-system")
+    assert selection["data"]["algaCoreTag"] == "12345e67"
+
+
+def selection_of(sim: KubeSim) -> dict[str, str]:
+    data: dict[str, str] = sim.get("v1", "ConfigMap", "appliance-release-selection", "alga-system")[
+        "data"
+    ]
+    return data
+
+
+def test_profile_mode_keeps_the_release_selection_equal_to_the_tags(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    run_mode(kubesim, write_config, "profile")
+    kubesim.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "appliance-release-selection", "namespace": "alga-system"},
+            "data": {**selection_of(kubesim), "algaCoreTag": "moved-by-updater"},
+        },
+        "appliance-updater",
+    )
+    config = write_config(site_config())
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert selection_of(kubesim)["algaCoreTag"] == "a2cbb430"
+    # A new release in the config moves the pods' values and the selection together.
+    images = {"algaCore": "b0b0b0b0"}
+    newer = write_config(site_config(images=images, release={"version": "1.1"}), "n.yaml")
+    result = run_agent(*fast_run_args(newer, kubesim.kubeconfig_path))
+    assert result.code == 0, result.output
+    assert selection_of(kubesim)["algaCoreTag"] == "b0b0b0b0"
+    assert selection_of(kubesim)["releaseVersion"] == "1.1"
+    site = yaml.safe_load(
+        kubesim.get("v1", "ConfigMap", "appliance-values-alga-core", "alga-system")["data"][
+            "alga-core.site.yaml"
+        ]
+    )
+    assert site["server"]["image"]["tag"] == site["setup"]["image"]["tag"] == "b0b0b0b0"
+
+
+def test_status_shows_a_release_selection_the_helm_releases_do_not_run(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    run_mode(kubesim, write_config, "base")
+    live_releases(kubesim)
+    kubesim.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "appliance-release-selection", "namespace": "alga-system"},
+            "data": {**selection_of(kubesim), "algaCoreTag": "half-updated"},
+        },
+        "appliance-updater",
+    )
+    config = write_config(site_config("base"))
+    # Base mode: the selection is the updater's; a run leaves it alone.
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert selection_of(kubesim)["algaCoreTag"] == "half-updated"
+    args = ["status", "--config", str(config), "--kubeconfig", str(kubesim.kubeconfig_path)]
+    report = run_agent(*args, "-o", "json")
+    assert report.code == 1
+    release = {r["image"]: r for r in json.loads(report.stdout)["release"]}
+    assert release["algaCore"]["state"] == "failed"
+    assert "selection half-updated, HelmRelease a2cbb430" in release["algaCore"]["message"]
+    assert release["emailService"]["state"] == "ready"
+    text = run_agent(*args).stdout
+    assert "✗ algaCore  selection half-updated, HelmRelease a2cbb430: finish the update" in text
+
+
+def test_images_lists_what_an_offline_first_boot_pulls(write_config: Any) -> None:
+    result = run_agent("images", "--config", str(write_config(site_config())))
+    assert result.code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(set(lines))
+    assert sum("ghcr.io/fluxcd/" in line for line in lines) == 4
+    assert "docker.io/rancher/local-path-provisioner:v0.0.31" in lines
+    for ref in (
+        "ghcr.io/nine-minds/alga-psa-ee:a2cbb430",
+        "ghcr.io/nine-minds/workflow-worker:a2cbb43",
+        "ghcr.io/nine-minds/email-service:61e4a00e",
+        "ghcr.io/nine-minds/temporal-worker:a2cbb43",
+        "ankane/pgvector:v0.5.1",
+        "busybox:1.37.0",
+        "redis:7.4.2",
+        "edoburu/pgbouncer:v1.25.1-p0",
+        "temporalio/auto-setup:1.27.2",
+        "temporalio/ui:2.30.0",
+        "node:20-alpine",
+    ):
+        assert ref in lines
+    assert not any(line.endswith(":latest") or ":" not in line for line in lines)
+
+
+def kubectl_kustomize(where: Path, objects: list[Obj], patches: list[Obj]) -> list[Obj] | str:
+    """Real kustomize (kubectl's) on `objects` with `patches`: the objects, or its error."""
+    where.mkdir()
+    (where / "objects.yaml").write_text(yaml.safe_dump_all(objects))
+    (where / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["objects.yaml"], "patches": patches})
+    )
+    out = subprocess.run(["kubectl", "kustomize", str(where)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_name(objects: list[Obj]) -> dict[tuple[str, str], Obj]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_the_simulated_flux_builds_as_kustomize_does(tmp_path: Path, write_config: Any) -> None:
+    """kubesim's stand-in against `kubectl kustomize` on upstream's objects and the agent's
+    real patches: the profile, both children, upstream patches on a child (guarded: both
+    fail the build; appended: both keep upstream's)."""
+    config = config_module.load(write_config(site_config(images=dict(NUMERIC_LOOKING))))
+    root = desired.kustomization(config.sync)["spec"]["patches"]
+    built = kubesim_kustomize.build(PROFILE, root)
+    assert by_name(built) == by_name(kubectl_kustomize(tmp_path / "root", PROFILE, root))
+    paths = upstream.sources(PROFILE, CHILDREN)
+    for child in (o for o in built if o["kind"] == "Kustomization"):
+        objects, patches = paths[child["spec"]["path"]], child["spec"].get("patches", [])
+        real = kubectl_kustomize(tmp_path / child["metadata"]["name"], objects, patches)
+        assert by_name(kubesim_kustomize.build(objects, patches)) == by_name(real)
+    profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
+    real = kubectl_kustomize(tmp_path / "guarded", profile, root)
+    assert isinstance(real, str) and "testing value /spec/patches failed" in real
+    with pytest.raises(kubesim_kustomize.BuildError, match="testing value /spec/patches failed"):
+        kubesim_kustomize.build(profile, root)
+    index = next(i for i, p in enumerate(root) if p["target"]["name"] == "alga-background")
+    appended = desired.kustomization(config.sync, frozenset({index}))["spec"]["patches"]
+    real = kubectl_kustomize(tmp_path / "appended", profile, appended)
+    assert by_name(kubesim_kustomize.build(profile, appended)) == by_name(real)
+    assert by_name(real)[("Kustomization", "alga-background")]["spec"]["patches"][0] == (
+        UPSTREAM_PATCH
+    )

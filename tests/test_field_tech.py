@@ -74,7 +74,18 @@ def test_status_before_and_after_a_run(kubesim: KubeSim, write_config: Any) -> N
     assert "state: ready" in after.stdout
     assert "installed v2.9.4, bundled v2.9.4" in after.stdout
     report = json.loads(status(kubesim, config, "--output", "json").stdout)
-    assert set(report) == {"api", "flux", "source", "kustomizations", "site", "lastRun", "state"}
+    assert set(report) == {
+        "api",
+        "flux",
+        "source",
+        "kustomizations",
+        "site",
+        "patches",
+        "release",
+        "lastRun",
+        "state",
+    }
+    assert report["patches"] == report["release"] == []  # no patches, not the Alga preset
     assert report["state"] == "ready"
     assert report["source"]["url"] == "https://git.example/org/appliance.git"
     assert report["lastRun"]["result"] == "succeeded"

@@ -8,6 +8,7 @@ release selection, and in `base` mode the six values ConfigMaps); the root path 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ import yaml
 
 from agent.config import deep_merge
 from agent.errors import ConfigError
+from agent.patches import MARK, go_safe_yaml, guarded_add
 
 PROFILE = "talos-single-node"
 ROOT_PATHS = {
@@ -39,14 +41,130 @@ CHILD_OF = {
     "email-service": "alga-background",
     "temporal-worker": "alga-background",
 }
-IMAGE_KEYS = ("algaCore", "workflowWorker", "emailService", "temporalWorker", "bootstrapWait")
-TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class PinnedImage:
+    """One image the appliance runs, pinned by `alga.images.<key>`."""
+
+    key: str
+    component: str  # the HelmRelease that starts it
+    repository: str
+    values: tuple[str, str] | None  # values keys of its repository and tag; None: hard-coded
+
+
+# Every image the appliance's HelmReleases can start with upstream's values at the pinned
+# commit, each with the chart template that names it (tests/fixtures/alga-chart-images.yaml
+# lists them all). Hocuspocus and the dev, hosted and delete-PVC templates are off under
+# upstream's appliance values and so are not here.
+IMAGES = (
+    # helm/templates/deployment.yaml: server.image.name, server.image.tag
+    PinnedImage(
+        "algaCore",
+        "alga-core",
+        "ghcr.io/nine-minds/alga-psa-ee",
+        ("server.image.name", "server.image.tag"),
+    ),
+    # helm/templates/jobs.yaml: setup.image.name, setup.image.tag
+    PinnedImage(
+        "algaCore",
+        "alga-core",
+        "ghcr.io/nine-minds/alga-psa-ee",
+        ("setup.image.name", "setup.image.tag"),
+    ),
+    # helm/templates/deployment.yaml: setup.waitForBootstrap.image.name, .tag
+    PinnedImage(
+        "bootstrapWait",
+        "alga-core",
+        "ankane/pgvector",
+        ("setup.waitForBootstrap.image.name", "setup.waitForBootstrap.image.tag"),
+    ),
+    # helm/templates/postgres/statefulSet.yaml: db.image.repository, db.image.tag
+    PinnedImage(
+        "database",
+        "alga-core",
+        "ankane/pgvector",
+        ("db.image.repository", "db.image.tag"),
+    ),
+    # helm/templates/postgres/statefulSet.yaml: initContainer volume-prep, `image: busybox`
+    PinnedImage(
+        "volumePrep",
+        "alga-core",
+        "busybox",
+        None,
+    ),
+    # helm/templates/redis/statefulSet.yaml: redis.image.repository, redis.image.tag
+    PinnedImage(
+        "redis",
+        "alga-core",
+        "redis",
+        ("redis.image.repository", "redis.image.tag"),
+    ),
+    # ee/helm/pgbouncer/templates/deployment.yaml: image.repository, image.tag
+    PinnedImage(
+        "pgbouncer",
+        "pgbouncer",
+        "edoburu/pgbouncer",
+        ("image.repository", "image.tag"),
+    ),
+    # ee/helm/temporal/templates/deployment.yaml, namespace-job.yaml: server.image.*
+    PinnedImage(
+        "temporalServer",
+        "temporal",
+        "temporalio/auto-setup",
+        ("server.image.repository", "server.image.tag"),
+    ),
+    # ee/helm/temporal/templates/ui.yaml: ui.image.repository, ui.image.tag
+    PinnedImage(
+        "temporalUi",
+        "temporal",
+        "temporalio/ui",
+        ("ui.image.repository", "ui.image.tag"),
+    ),
+    # ee/helm/workflow-worker/templates/deployment.yaml: image.repository, image.tag
+    PinnedImage(
+        "workflowWorker",
+        "workflow-worker",
+        "ghcr.io/nine-minds/workflow-worker",
+        ("image.repository", "image.tag"),
+    ),
+    # ee/helm/email-service/templates/deployment.yaml: image.repository, image.tag
+    PinnedImage(
+        "emailService",
+        "email-service",
+        "ghcr.io/nine-minds/email-service",
+        ("image.repository", "image.tag"),
+    ),
+    # ee/helm/temporal-worker/templates/deployment.yaml: image.repository, image.tag
+    PinnedImage(
+        "temporalWorker",
+        "temporal-worker",
+        "ghcr.io/nine-minds/temporal-worker",
+        ("image.repository", "image.tag"),
+    ),
+)
+IMAGE_KEYS = tuple(dict.fromkeys(i.key for i in IMAGES))
+# Images upstream's plain manifests start (no chart, so no value to pin them by): the
+# appliance-status Deployment and the update Jobs it creates
+# (ee/appliance/flux/base/platform/appliance-status.yaml: container `status`, and the
+# updater Job its server script creates).
+PLATFORM_IMAGES = ["node:20-alpine"]
+# The release selection's tag keys (upstream's updater reads and writes these four).
+SELECTION_KEYS = {
+    "algaCore": "algaCoreTag",
+    "workflowWorker": "workflowWorkerTag",
+    "emailService": "emailServiceTag",
+    "temporalWorker": "temporalWorkerTag",
+}
+# A tag, optionally pinned further by its digest (the charts write `repository:tag`).
+TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@sha256:[0-9a-f]{64})?$")
 HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 PRIVILEGED = {
     f"pod-security.kubernetes.io/{mode}": "privileged" for mode in ("enforce", "audit", "warn")
 }
 STORAGE_MANIFEST = Path(__file__).parent.parent / "manifests" / "local-path-storage.yaml"
 VALUES_NAMESPACE = "alga-system"
+SELECTION_NAME = "appliance-release-selection"
 
 
 def _fail(source: str, field: str, message: str) -> ConfigError:
@@ -60,7 +178,17 @@ def _string(section: dict[str, Any], key: str, source: str, prefix: str = "") ->
     return value
 
 
-def expand(data: dict[str, Any], source: str, base_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AlgaSettings:
+    """What the rest of the agent needs to know of the `alga` section once it is expanded."""
+
+    mode: str
+    tags: dict[str, str]  # alga.images
+
+
+def expand(
+    data: dict[str, Any], source: str, base_dir: Path
+) -> tuple[dict[str, Any], AlgaSettings]:
     alga = data.get("alga")
     if not isinstance(alga, dict):
         raise ConfigError(f"{source}: alga: must be a mapping")
@@ -94,11 +222,13 @@ def expand(data: dict[str, Any], source: str, base_dir: Path) -> dict[str, Any]:
         *site.get("namespaces", []),
     ]
     site["secrets"] = [*_secrets(alga, source, base_dir), *site.get("secrets", [])]
-    config_maps = [release_selection(release, tags)]
+    # Profile mode: the agent sets the tags, so it owns the release selection too and keeps
+    # it equal to them. Base mode: the appliance's updater owns both after the first boot.
+    config_maps = [release_selection(release, tags, owned=mode == "profile")]
     if mode == "base":
         config_maps += values_config_maps(_values_dir(alga, source, base_dir), site_values, source)
-    else:
-        sync["patches"] = [*sync.get("patches", []), *profile_patches(site_values)]
+        site_values = {}  # the values ConfigMaps carry them
+    sync["patches"] = [*sync.get("patches", []), *root_patches(site_values, tags)]
     site["configMaps"] = [*config_maps, *site.get("configMaps", [])]
     storage = alga.get("storage", True)
     if not isinstance(storage, bool):
@@ -116,7 +246,7 @@ def expand(data: dict[str, Any], source: str, base_dir: Path) -> dict[str, Any]:
             *site.get("manifests", []),
         ]
     out["sync"], out["site"] = sync, site
-    return out
+    return out, AlgaSettings(mode, tags)
 
 
 def _app_url(alga: dict[str, Any], source: str) -> tuple[str, str]:
@@ -155,7 +285,9 @@ def _images(alga: dict[str, Any], source: str) -> dict[str, str]:
         tag = images.get(key)
         if tag is None or tag == "":
             raise _fail(source, f"images.{key}", "needs a pinned image tag")
-        tag = str(tag)
+        if not isinstance(tag, str):
+            # YAML already turned it into a number or boolean (`010` is 8): ask for quotes.
+            raise _fail(source, f"images.{key}", f"{tag!r} must be a string; quote the tag")
         if tag == "latest":
             raise _fail(
                 source,
@@ -213,22 +345,55 @@ def _secrets(alga: dict[str, Any], source: str, base_dir: Path) -> list[dict[str
 def component_site_values(
     app_url: str, host: str, tags: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """The Helm values a site sets, per component, over upstream's values files."""
-    return {
-        "alga-core": {
-            "host": host,
-            "appUrl": app_url,
-            "domainSuffix": host,
-            "setup": {
-                "image": {"tag": tags["algaCore"]},
-                "waitForBootstrap": {"image": {"tag": tags["bootstrapWait"]}},
-            },
-            "server": {"image": {"tag": tags["algaCore"]}},
-        },
-        "workflow-worker": {"image": {"tag": tags["workflowWorker"]}},
-        "email-service": {"image": {"tag": tags["emailService"]}},
-        "temporal-worker": {"image": {"tag": tags["temporalWorker"]}},
+    """The Helm values a site sets, per component, over upstream's values files: the URL,
+    and the repository and tag of every image the chart takes from its values."""
+    out: dict[str, dict[str, Any]] = {
+        "alga-core": {"host": host, "appUrl": app_url, "domainSuffix": host}
     }
+    for image in IMAGES:
+        if image.values is None:
+            continue
+        values = out.setdefault(image.component, {})
+        for key, value in zip(image.values, (image.repository, tags[image.key]), strict=True):
+            *parents, last = key.split(".")
+            node = values
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[last] = value
+    return out
+
+
+def post_renderer_images(tags: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """Per component, the images its chart hard-codes, pinned by a kustomize post-renderer
+    (helm-controller's `spec.postRenderers[].kustomize.images`)."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for image in IMAGES:
+        if image.values is None:
+            tag, _, digest = tags[image.key].partition("@")
+            pin = {"name": image.repository, "newTag": tag}
+            if digest:
+                pin["digest"] = digest
+            out.setdefault(image.component, []).append(pin)
+    return out
+
+
+def configured_tags(values: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """The tag each release-selection image has in the HelmReleases' merged `values` (by
+    component; None where that HelmRelease is not there yet)."""
+    out: dict[str, str | None] = {}
+    for image in IMAGES:
+        if image.key not in SELECTION_KEYS or image.key in out or image.values is None:
+            continue
+        node: Any = values.get(image.component)
+        for part in image.values[1].split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[image.key] = None if node is None else str(node)
+    return out
+
+
+def image_refs(tags: dict[str, str]) -> list[str]:
+    """Every image the appliance runs, as the nodes pull it."""
+    return list(dict.fromkeys(f"{i.repository}:{tags[i.key]}" for i in IMAGES))
 
 
 def values_key(component: str) -> str:
@@ -239,19 +404,17 @@ def site_values_key(component: str) -> str:
     return f"{component}.site.yaml"
 
 
-def release_selection(release: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
+def release_selection(release: dict[str, str], tags: dict[str, str], owned: bool) -> dict[str, Any]:
     return {
         "namespace": VALUES_NAMESPACE,
-        "name": "appliance-release-selection",
+        "name": SELECTION_NAME,
+        "createOnce": not owned,
         "data": {
             "releaseVersion": release["version"],
             "selectedChannel": release["channel"],
             "appVersion": release["appVersion"],
             "releaseBranch": release["branch"],
-            "algaCoreTag": tags["algaCore"],
-            "workflowWorkerTag": tags["workflowWorker"],
-            "emailServiceTag": tags["emailService"],
-            "temporalWorkerTag": tags["temporalWorker"],
+            **{selection: tags[key] for key, selection in SELECTION_KEYS.items()},
         },
     }
 
@@ -291,37 +454,55 @@ def values_config_maps(
             {
                 "namespace": VALUES_NAMESPACE,
                 "name": f"appliance-values-{component}",
-                "data": {values_key(component): yaml.safe_dump(merged, sort_keys=False)},
+                "data": {values_key(component): go_safe_yaml(merged)},
             }
         )
     return out
 
 
-def profile_patches(site_values: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Profile mode: Flux owns the values ConfigMaps from Git. The site values ride in the
-    root Kustomization as patches: each values ConfigMap gains a `<component>.site.yaml` key,
-    and each child Kustomization gains a patch making its HelmReleases read that key after
-    upstream's. Upstream's own keys are never rewritten."""
+def root_patches(
+    site_values: dict[str, dict[str, Any]], tags: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The root Kustomization's patches. Profile mode: Flux owns the values ConfigMaps from
+    Git, so each gains a `<component>.site.yaml` key, and each HelmRelease reads that key
+    after upstream's (a patch the child Kustomization carries). Both modes: images the
+    charts hard-code are pinned by a post-renderer on their HelmRelease. Upstream's own
+    keys, patches and post-renderers are never rewritten."""
     patches: list[dict[str, Any]] = []
-    child_patches: dict[str, list[dict[str, Any]]] = {}
+    release_ops: dict[str, list[dict[str, Any]]] = {}
     for component, values in site_values.items():
         config_map = f"appliance-values-{component}"
         patches.append(
             {
                 "target": {"kind": "ConfigMap", "name": config_map, "namespace": VALUES_NAMESPACE},
-                "patch": yaml.safe_dump(
+                "patch": go_safe_yaml(
                     {
                         "apiVersion": "v1",
                         "kind": "ConfigMap",
                         "metadata": {"name": config_map, "namespace": VALUES_NAMESPACE},
-                        "data": {
-                            site_values_key(component): yaml.safe_dump(values, sort_keys=False)
-                        },
-                    },
-                    sort_keys=False,
+                        # No final newline: kustomize drops it (seen with kubectl kustomize).
+                        "data": {site_values_key(component): go_safe_yaml(values).rstrip()},
+                    }
                 ),
             }
         )
+        release_ops.setdefault(component, []).append(
+            {
+                "op": "add",
+                "path": "/spec/valuesFrom/-",
+                "value": {
+                    "kind": "ConfigMap",
+                    "name": config_map,
+                    "valuesKey": site_values_key(component),
+                },
+            }
+        )
+    for component, images in post_renderer_images(tags).items():
+        release_ops.setdefault(component, []).extend(
+            guarded_add("/spec/postRenderers", [{"kustomize": {"images": images}}])
+        )
+    child_patches: dict[str, list[dict[str, Any]]] = {}
+    for component, ops in release_ops.items():
         child_patches.setdefault(CHILD_OF[component], []).append(
             {
                 "target": {
@@ -330,20 +511,7 @@ def profile_patches(site_values: dict[str, dict[str, Any]]) -> list[dict[str, An
                     "name": component,
                     "namespace": VALUES_NAMESPACE,
                 },
-                "patch": yaml.safe_dump(
-                    [
-                        {
-                            "op": "add",
-                            "path": "/spec/valuesFrom/-",
-                            "value": {
-                                "kind": "ConfigMap",
-                                "name": config_map,
-                                "valuesKey": site_values_key(component),
-                            },
-                        }
-                    ],
-                    sort_keys=False,
-                ),
+                "patch": MARK + go_safe_yaml(ops).rstrip(),  # see the site values
             }
         )
     for child, inner in child_patches.items():
@@ -355,9 +523,7 @@ def profile_patches(site_values: dict[str, dict[str, Any]]) -> list[dict[str, An
                     "name": child,
                     "namespace": "flux-system",
                 },
-                "patch": yaml.safe_dump(
-                    [{"op": "add", "path": "/spec/patches", "value": inner}], sort_keys=False
-                ),
+                "patch": go_safe_yaml(guarded_add("/spec/patches", inner)),
             }
         )
     return patches

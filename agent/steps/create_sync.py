@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import desired, log
+from agent import desired, log, patch_effects
 from agent.config import GitCredentials
 from agent.context import RunContext
 from agent.converge import StepResult, ensure, parallel
 from agent.drift import differences
 from agent.errors import ConfigError, NeedsDecision
+from agent.patches import guarded_path, has_foreign_entries
 
 _log = log.get("create-sync")
 Obj = dict[str, Any]
@@ -34,6 +35,8 @@ def create(ctx: RunContext) -> StepResult:
     if sync.credentials is not None:
         wanted.insert(0, credentials_secret(sync.credentials, sync.namespace))
     live = parallel(ctx.kube.get_like, wanted)
+    if live[-1] is None or differences(wanted[-1], live[-1]):
+        wanted[-1] = desired.kustomization(sync, _shared_lists(ctx))
     _refuse_retargeting(ctx, wanted[-2], live[-2], wanted[-1], live[-1])
     ctx.sync_objects = [o for o in live[-2:] if o is not None]
     if all(o is not None and not differences(w, o) for w, o in zip(wanted, live, strict=True)):
@@ -63,3 +66,20 @@ def _refuse_retargeting(
             f"{old_path}, the config says {ks['spec']['path']}; with prune on, a wrong path "
             "deletes the application. Fix sync.path, or re-run with --force"
         )
+
+
+def _shared_lists(ctx: RunContext) -> frozenset[int]:
+    """The guarded patches whose target already shows entries that are not the agent's
+    (upstream's own patches on a child Kustomization, say): those append instead."""
+    out = set()
+    for i, patch in enumerate(ctx.config.sync.patches):
+        path = guarded_path(patch)
+        group = patch_effects.target_of(patch)
+        if path is None or group is None:
+            continue
+        api_version, kind, namespace, name = group
+        live = ctx.kube.get(api_version, kind, name, namespace)
+        if live is not None and has_foreign_entries(live, path):
+            _log.info(f"{kind} {namespace}/{name} carries its own {path}; appending to them")
+            out.add(i)
+    return frozenset(out)

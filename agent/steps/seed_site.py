@@ -47,6 +47,8 @@ def seed(ctx: RunContext) -> StepResult:
 
 def _create_once(ctx: RunContext, spec: CreateOnceConfigMap) -> list[str]:
     obj = desired.config_map(spec)
+    if not spec.create_once:  # the agent owns it: keep it as configured
+        return ensure(ctx.kube, [obj], _log)
     if ctx.kube.get_like(obj) is not None:
         return (
             [f"unchanged {describe(obj)} (created once, never overwritten)"] if ctx.dry_run else []
@@ -140,9 +142,20 @@ def _present(ctx: RunContext) -> bool:
     for api_version, kind, namespace, name in desired.site_objects(ctx.config):
         wanted.setdefault((api_version, kind, namespace), set()).add(name)
 
+    owned = {
+        (c.namespace, c.name): c.data for c in ctx.config.site.config_maps if not c.create_once
+    }
+
     def complete(group: tuple[tuple[str, str, str], set[str]]) -> bool:
         (api_version, kind, namespace), names = group
-        found = {o["metadata"]["name"] for o in ctx.kube.list(api_version, kind, namespace)}
-        return names <= found
+        live = {o["metadata"]["name"]: o for o in ctx.kube.list(api_version, kind, namespace)}
+        changed = [
+            name
+            for name in names & live.keys()
+            if kind == "ConfigMap"
+            and (namespace, name) in owned
+            and not owned[(namespace, name)].items() <= (live[name].get("data") or {}).items()
+        ]
+        return names <= live.keys() and not changed
 
     return all(parallel(complete, wanted.items()))

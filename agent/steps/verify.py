@@ -1,12 +1,13 @@
 """Step 6: did Flux accept the sync? The source must be Ready with an artifact, and the
-root Kustomization must have attempted that revision. A rollout still in progress is
-success: from here on it is Flux's job."""
+root Kustomization must have attempted that revision. Then the root's patches must have
+taken effect (a patch whose target upstream renamed selects nothing, silently). A rollout
+still in progress is success: from here on it is Flux's job."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent import desired, log
+from agent import desired, log, patch_effects
 from agent.context import RunContext
 from agent.converge import (
     StepResult,
@@ -28,6 +29,14 @@ FAILED_REASONS = {
     "ArtifactFailed",
     "InvalidPath",
 }
+# What the agent's guarded JSON patches fail with when upstream sets the field itself.
+GUARD_FAILURE = "testing value /spec/"
+GUARD_HINT = (
+    "; at this revision upstream sets a field the agent's patch would replace (a child "
+    "Kustomization's patches or a HelmRelease's post-renderers), and the agent never drops "
+    "upstream's: pin sync.ref back to the last revision that worked, or use an agent "
+    "that knows the new layout"
+)
 
 
 def source_revision(repo: Obj | None) -> str | None:
@@ -65,8 +74,10 @@ def attempted(ks: Obj | None, revision: str) -> bool:
         and ready.get("status") == "False"
         and ready.get("reason") in FAILED_REASONS
     ):
+        message = str(ready.get("message"))
+        hint = GUARD_HINT if GUARD_FAILURE in message else ""
         raise BootstrapError(
-            f"{name} failed to apply {revision} ({ready.get('reason')}): {ready.get('message')}"
+            f"{name} failed to apply {revision} ({ready.get('reason')}): {message}{hint}"
         )
     return True
 
@@ -81,9 +92,10 @@ def verify(ctx: RunContext) -> StepResult:
         return StepResult("verify", note="skipped in a dry run")
     repo_ref, ks_ref = desired.git_repository(sync), desired.kustomization(sync)
     first_look = list(ctx.sync_objects)  # what create-sync read saves the first requests
+    applied: list[Obj] = []  # the root's patches, as Flux has them
 
     def check() -> str | None:
-        nonlocal first_look
+        nonlocal first_look, applied
         repo: Obj | None
         ks: Obj | None
         if len(first_look) == 2:
@@ -94,10 +106,26 @@ def verify(ctx: RunContext) -> StepResult:
         revision = source_revision(repo)
         if revision is None or not attempted(ks, revision):
             return None
+        if sync.patches and ks is not None and not observed_current(ks):  # an older spec
+            return None
+        applied = (ks or {}).get("spec", {}).get("patches", [])
         return revision
 
     revision = wait_until(
         f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline, _log, interval=2.0
     )
     _log.info("Flux accepted the sync", revision=revision)
+    if ctx.trust_previous and revision == ctx.previous_revision:
+        # The last run checked these very patches at this very revision.
+        return StepResult("verify", note=revision)
+    ref = f"{sync.ref.kind} {sync.ref.value}"
+    effects = patch_effects.check(ctx.kube, applied, ref, revision)
+    failed = [e for e in effects if e.state == patch_effects.FAILED]
+    if failed:
+        raise BootstrapError(
+            "the sync's patches did not take effect: "
+            + "; ".join(f"{e.kind} {e.namespace}/{e.name} {e.message}" for e in failed)
+        )
+    pending = [f"{e.kind} {e.namespace}/{e.name}" for e in effects if e.state != patch_effects.OK]
+    _log.info("patches in effect", checked=len(effects), pending=pending)
     return StepResult("verify", note=revision)
