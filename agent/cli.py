@@ -322,6 +322,6 @@ def _validate(args: argparse.Namespace) -> int:
         load_manifest(manifest)
     print(
         f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
-        f"{config.sync.ref.kind}={config.sync.ref.value} {config.sync.path})"
+        f"{config.sync.ref.describe()} {config.sync.path})"
     )
     return EXIT_OK

@@ -25,6 +25,8 @@ DEFAULT_PRESET = "alga-talos-single-node"  # what the image boots with no config
 TALOS_ENDPOINTS = ("https://127.0.0.1:7445", "https://127.0.0.1:6443")
 
 DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+# GitRepository spec.timeout takes no hours (its CRD pattern in the Flux v2.9.4 bundle).
+SOURCE_TIMEOUT = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m))+$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -37,9 +39,17 @@ REF_KINDS = ("branch", "tag", "semver", "commit", "name")
 class GitRef:
     kind: str  # one of REF_KINDS
     value: str
+    branch: str = ""  # with a commit: the one branch Flux fetches it from
 
     def as_spec(self) -> dict[str, str]:
-        return {self.kind: self.value}
+        return (
+            {"branch": self.branch, self.kind: self.value}
+            if self.branch
+            else {self.kind: self.value}
+        )
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.as_spec().items())
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class SyncConfig:
     ref: GitRef
     path: str
     source_interval: str
+    source_timeout: str
     interval: str
     retry_interval: str
     timeout: str
@@ -65,6 +76,7 @@ class SyncConfig:
     wait: bool
     patches: tuple[dict[str, Any], ...] = ()
     credentials: GitCredentials | None = None
+    sparse_checkout: tuple[str, ...] = ()  # the only folders Flux checks out and stores
 
 
 @dataclass(frozen=True)
@@ -396,6 +408,7 @@ def _sync(s: _Section) -> SyncConfig:
         s.fail(f"{path!r} must be relative to the repository root and start with ./", "path")
     if ".." in Path(path).parts:
         s.fail(f"{path!r} must not leave the repository with ..", "path")
+    sparse_checkout = _sparse_checkout(s, path)
     patches = s.items("patches")
     for i, patch in enumerate(patches):
         if not isinstance(patch, dict) or not isinstance(patch.get("patch"), str):
@@ -411,6 +424,7 @@ def _sync(s: _Section) -> SyncConfig:
         ref=ref,
         path=path,
         source_interval=s.duration("sourceInterval", "1m"),
+        source_timeout=_source_timeout(s),
         interval=s.duration("interval", "10m"),
         retry_interval=s.duration("retryInterval", "1m"),
         timeout=s.duration("timeout", "5m"),
@@ -418,9 +432,46 @@ def _sync(s: _Section) -> SyncConfig:
         wait=s.flag("wait", False),
         patches=tuple(patches),
         credentials=credentials,
+        sparse_checkout=sparse_checkout,
     )
     s.close()
     return config
+
+
+def _source_timeout(s: _Section) -> str:
+    """GitRepository spec.timeout: the whole fetch must finish within it, or it starts over."""
+    timeout = s.text(
+        "sourceTimeout",
+        "60s",  # Flux's default
+        SOURCE_TIMEOUT,
+        "use a duration in ms, s or m such as 90s or 20m (Flux takes no hours here)",
+    )
+    if duration_seconds(timeout) <= 0:
+        s.fail(f"{timeout!r} must be longer than zero; for example 20m", "sourceTimeout")
+    return timeout
+
+
+def _sparse_checkout(s: _Section, path: str) -> tuple[str, ...]:
+    """GitRepository spec.sparseCheckout: folders relative to the repository root; the
+    root path must lie inside one of them, or Flux would find nothing to apply."""
+    folders = s.items("sparseCheckout")
+    for i, folder in enumerate(folders):
+        if not isinstance(folder, str) or not folder.startswith("./") or folder == "./":
+            s.fail(
+                f"{folder!r} must be a folder relative to the root, like ./deploy",
+                f"sparseCheckout[{i}]",
+            )
+        if ".." in Path(folder).parts:
+            s.fail(f"{folder!r} must not leave the repository with ..", f"sparseCheckout[{i}]")
+    if folders and not any(inside(path, folder) for folder in folders):
+        s.fail(f"{path!r} lies outside sync.sparseCheckout; add its folder there", "path")
+    return tuple(folders)
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether a repository path (./a/b) lies in a folder (./a), by whole path parts."""
+    path_parts, folder_parts = Path(path).parts, Path(folder).parts
+    return path_parts[: len(folder_parts)] == folder_parts
 
 
 def _git_url(s: _Section) -> str:
@@ -439,15 +490,19 @@ def _ref(s: _Section) -> GitRef:
     for key in REF_KINDS:
         s.raw(key)
     s.close()
-    if len(given) != 1:
-        s.fail("set exactly one of branch, tag, semver, commit, name")
-    kind = given[0]
+    for key in given:
+        if not isinstance(s.data[key], str) or not s.data[key]:
+            s.fail("must be a non-empty string", key)
+    # Flux fetches a commit from one branch when both are given (fluxcd/pkg
+    # git/gogit/clone.go, cloneCommit); any other pair would be silently overruled.
+    with_branch = sorted(given) == ["branch", "commit"]
+    if len(given) != 1 and not with_branch:
+        s.fail("set exactly one of branch, tag, semver, commit, name (or branch with commit)")
+    kind = "commit" if with_branch else given[0]
     value = s.data[kind]
-    if not isinstance(value, str) or not value:
-        s.fail("must be a non-empty string", kind)
     if kind == "commit" and not re.match(r"^[0-9a-f]{40}([0-9a-f]{24})?$", value):
         s.fail(f"{value!r} is not a full commit SHA (40 hex digits)", kind)
-    return GitRef(kind, value)
+    return GitRef(kind, value, s.data["branch"] if with_branch else "")
 
 
 def _credentials(s: _Section, sync_name: str, url: str) -> GitCredentials:

@@ -111,11 +111,17 @@ def ensure(
 
 
 def wait_until(
-    what: str, check: Callable[[], T | None], deadline: float, log: Any, interval: float = 1.0
+    what: str,
+    check: Callable[[], T | None],
+    deadline: float,
+    log: Any,
+    interval: float = 1.0,
+    progress: Callable[[], dict[str, object]] | None = None,
 ) -> T:
     """Poll `check` until it returns something, or fail when the run's deadline passes.
     Most waits are short: the first polls come 0.05 s apart, then each 1.3 times later than
-    the one before, up to every `interval` (polite to a server during a long wait)."""
+    the one before, up to every `interval` (polite to a server during a long wait).
+    `progress` adds what the awaited controller says to each progress line."""
     started = time.monotonic()
 
     last_note = started
@@ -128,6 +134,7 @@ def wait_until(
                 f"still waiting for {what}",
                 waited_s=round(time.monotonic() - started),
                 deadline_in_s=round(deadline - time.monotonic()),
+                **(progress() if progress else {}),
             )
 
     retrying = tenacity.Retrying(

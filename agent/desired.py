@@ -71,7 +71,14 @@ def config_map(spec: CreateOnceConfigMap) -> Obj:
 
 
 def git_repository(sync: SyncConfig) -> Obj:
-    spec: Obj = {"url": sync.url, "ref": sync.ref.as_spec(), "interval": sync.source_interval}
+    spec: Obj = {
+        "url": sync.url,
+        "ref": sync.ref.as_spec(),
+        "interval": sync.source_interval,
+        "timeout": sync.source_timeout,
+    }
+    if sync.sparse_checkout:
+        spec["sparseCheckout"] = list(sync.sparse_checkout)
     if sync.credentials is not None:
         spec["secretRef"] = {"name": sync.credentials.secret_name}
     return {

@@ -31,6 +31,7 @@ from agent.lease import active_holder
 from agent.run import connect
 from agent.steps import record
 from agent.steps.install_flux import deployment_available
+from agent.steps.verify import source_failure, source_progress
 
 Obj = dict[str, Any]
 READY, PROGRESSING, FAILED = "ready", "progressing", "failed"
@@ -76,7 +77,11 @@ def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
     then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    return _duration((dt.datetime.now(dt.UTC) - then).total_seconds())
+
+
+def _duration(total: float) -> str:
+    seconds = int(total)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -219,12 +224,19 @@ def _collect(
     sync = config.sync
     repo = kube.get_like(desired.git_repository(sync)) if crd else None
     if repo is not None:
+        fetching = source_progress(repo)
         report["source"] = {
             **_flux_object(repo),
             "url": repo["spec"].get("url"),
             "ref": repo["spec"].get("ref", {}),
             "revision": repo.get("status", {}).get("artifact", {}).get("revision", ""),
+            # source-controller at work (fetching): its message and for how long, in seconds
+            "progress": {"message": fetching[0], "seconds": round(fetching[1])}
+            if fetching
+            else None,
         }
+        if source_failure(repo):  # a failed fetch is retried, but it failed: say so
+            report["source"]["state"] = FAILED
     root = kube.get_like(desired.kustomization(sync)) if crd else None
     if root is not None:
         report["kustomizations"] = [_tree(kube, root)]
@@ -394,6 +406,11 @@ def render_text(report: Obj, colour: bool) -> str:
         lines.append(
             f"    revision {source['revision'] or '-'}  {source['reason']}: {source['message']}"
         )
+        if source["progress"]:
+            lines.append(
+                f"    source-controller working for {_duration(source['progress']['seconds'])}: "
+                f"{source['progress']['message']}"
+            )
     else:
         lines.append(f"{mark(missing)} Source       missing (run alga-bootstrap run)")
     lines.append("  Sync")

@@ -30,6 +30,8 @@ class Controllers:
     store: Store
     delay: float = 0.2
     source_failures: dict[str, Outcome] = field(default_factory=dict)  # by GitRepository URL
+    # How long a fetch takes, by GitRepository URL (a slow link); a failure comes after it.
+    source_fetch_seconds: dict[str, float] = field(default_factory=dict)
     kustomization_failures: dict[str, Outcome] = field(default_factory=dict)  # by name
     # GitRepositories (by URL) the stand-in never reconciles, as when source-controller is
     # not running: the object keeps no status, so it never becomes Ready.
@@ -56,9 +58,9 @@ class Controllers:
                 # kept for tests, which assert the stand-ins never write invalid status.
                 self.errors.append(err.message)
 
-    def _due(self, key: tuple[Any, ...]) -> bool:
+    def _due(self, key: tuple[Any, ...], extra: float = 0.0) -> bool:
         seen = self._first_seen.setdefault(key, time.monotonic())
-        return time.monotonic() - seen >= self.delay
+        return time.monotonic() - seen >= self.delay + extra
 
     def _objects(self, group: str, plural: str) -> list[dict[str, Any]]:
         for (g, _v, p), t in list(self.store.types.items()):
@@ -121,30 +123,58 @@ class Controllers:
         )
 
     def _git_repository(self, repo: dict[str, Any]) -> None:
+        """source-controller's conditions, as internal/controller/gitrepository_controller.go
+        (release/v1.9.x) sets them: `reconcile` marks Reconciling and Ready=Unknown before
+        the fetch ("processing object: new generation", or reconcileStorage's "building
+        artifact" while there is no artifact); a fetch error (gitCheckout: FetchFailed,
+        GitOperationFailed) leaves status.observedGeneration behind and Reconciling with
+        reason ProgressingWithRetry (internal/reconcile ComputeReconcileResult); a stalling
+        error sets Stalled, removes Reconciling and records the generation."""
         meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
         if spec.get("url") in self.unreconciled_sources:
             return
+        generation = meta["generation"]
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
+        failure = self.source_failures.get(spec.get("url", ""))
         if (
-            status.get("observedGeneration") == meta["generation"]
+            status.get("observedGeneration") == generation
             and status.get("lastHandledReconcileAt", "") == requested
-        ):
+        ) or (failure and not failure.stalled and _shows(repo, "FetchFailed", failure.reason)):
             return
-        if not self._due(("git", meta["namespace"], meta["name"], meta["generation"], requested)):
+        key = ("git", meta["namespace"], meta["name"], generation, requested)
+        fetch_seconds = self.source_fetch_seconds.get(spec.get("url", ""), 0.0)
+        if not self._due(key, fetch_seconds):
+            if fetch_seconds and self._due(key) and not _shows(repo, "Reconciling", "Progressing"):
+                self._set_status(repo, _fetching(repo), "source-controller")
             return
-        new: dict[str, Any] = {"observedGeneration": meta["generation"]}
+        new: dict[str, Any] = {"observedGeneration": generation}
         if requested:
             new["lastHandledReconcileAt"] = requested
-        failure = self.source_failures.get(spec.get("url", ""))
         if failure:
-            new["conditions"] = [
-                condition("Ready", "False", failure.reason, failure.message),
-                condition("FetchFailed", "True", failure.reason, failure.message),
+            fetch_failed = [
+                _flux_condition(generation, "Ready", "False", failure.reason, failure.message),
+                _flux_condition(generation, "FetchFailed", "True", failure.reason, failure.message),
             ]
             if failure.stalled:
-                new["conditions"].append(
-                    condition("Stalled", "True", failure.reason, failure.message)
-                )
+                new["conditions"] = [
+                    *fetch_failed,
+                    _flux_condition(generation, "Stalled", "True", failure.reason, failure.message),
+                ]
+            else:
+                new = {
+                    **{k: v for k, v in status.items() if k != "conditions"},
+                    **{k: v for k, v in new.items() if k != "observedGeneration"},
+                    "conditions": [
+                        *fetch_failed,
+                        _flux_condition(
+                            generation,
+                            "Reconciling",
+                            "True",
+                            "ProgressingWithRetry",
+                            _progress_message(repo),
+                        ),
+                    ],
+                }
         else:
             revision = git_revision(spec)
             path = (
@@ -160,8 +190,8 @@ class Controllers:
             }
             message = f"stored artifact for revision '{revision}'"
             new["conditions"] = [
-                condition("Ready", "True", "Succeeded", message),
-                condition("ArtifactInStorage", "True", "Succeeded", message),
+                _flux_condition(generation, "Ready", "True", "Succeeded", message),
+                _flux_condition(generation, "ArtifactInStorage", "True", "Succeeded", message),
             ]
         self._set_status(repo, new, "source-controller")
 
@@ -238,6 +268,54 @@ class Controllers:
             if (repo["metadata"]["namespace"], repo["metadata"]["name"]) == (namespace, name):
                 return repo
         return None
+
+
+def _flux_condition(
+    generation: int, kind: str, status: str, reason: str, message: str
+) -> dict[str, Any]:
+    """Flux sets every condition's observedGeneration (fluxcd/pkg runtime/conditions, Set)."""
+    return {**condition(kind, status, reason, message), "observedGeneration": generation}
+
+
+def _shows(obj: dict[str, Any], kind: str, reason: str) -> bool:
+    """Whether `obj` has condition `kind` with `reason` for its current generation."""
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond.get("type") == kind:
+            return bool(
+                cond.get("reason") == reason
+                and cond.get("observedGeneration") == obj["metadata"]["generation"]
+            )
+    return False
+
+
+def _progress_message(repo: dict[str, Any]) -> str:
+    status = repo.get("status", {})
+    if not status.get("artifact"):
+        return "building artifact"  # reconcileStorage, while there is no artifact
+    return (
+        f"processing object: new generation {status.get('observedGeneration', 0)}"
+        f" -> {repo['metadata']['generation']}"
+    )
+
+
+def _fetching(repo: dict[str, Any]) -> dict[str, Any]:
+    """The status while a fetch runs: Reconciling=True and Ready=Unknown with the same
+    message (fluxcd/pkg runtime/reconcile, ProgressiveStatus); the rest is left as it was."""
+    status, generation = repo.get("status", {}), repo["metadata"]["generation"]
+    message = _progress_message(repo)
+    kept = [
+        c
+        for c in status.get("conditions", [])
+        if c.get("type") not in ("Ready", "Reconciling", "Stalled")
+    ]
+    return {
+        **{k: v for k, v in status.items() if k != "conditions"},
+        "conditions": [
+            _flux_condition(generation, "Reconciling", "True", "Progressing", message),
+            _flux_condition(generation, "Ready", "Unknown", "Progressing", message),
+            *kept,
+        ],
+    }
 
 
 def git_revision(spec: dict[str, Any]) -> str:

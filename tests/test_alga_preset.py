@@ -225,6 +225,11 @@ def run_mode(kubesim: KubeSim, write_config: Any, mode: str, **alga_fields: Any)
 def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: Any) -> None:
     root = run_mode(kubesim, write_config, "profile")
     assert root["spec"]["path"] == "./ee/appliance/flux/profiles/talos-single-node"
+    # The API (the bundle's CRD schema) takes the fetch limits as the preset sets them.
+    repo = kubesim.get(
+        "source.toolkit.fluxcd.io/v1", "GitRepository", root["metadata"]["name"], "flux-system"
+    )
+    assert repo["spec"]["timeout"] == "30m" and len(repo["spec"]["sparseCheckout"]) == 3
     assert {
         k: root["spec"][k] for k in ("interval", "retryInterval", "timeout", "prune", "wait")
     } == {"interval": "5m", "retryInterval": "1m", "timeout": "2m", "prune": True, "wait": True}
@@ -433,7 +438,7 @@ def test_existing_storage_class_is_left_alone(kubesim: KubeSim, write_config: An
 def test_validate_accepts_the_preset_and_the_default(tmp_path: Path, write_config: Any) -> None:
     result = run_agent("validate", "--config", str(write_config(site_config())))
     assert result.code == 0, result.output
-    assert "commit=26bb86fa3aade6d4e4289db3a71f8803ed4ff144" in result.stdout
+    assert "branch=main commit=26bb86fa3aade6d4e4289db3a71f8803ed4ff144" in result.stdout
     # No config file at all: the image's default is the Alga preset.
     env = {**agent_env(), "HOME": str(tmp_path)}
     default = run_agent("validate", "--flux-manifests", str(BUNDLE), env=env)

@@ -56,6 +56,27 @@ CORPUS: list[tuple[str, Any, str]] = [
         with_("sync.interval", "5 minutes"),
         "sync.interval: '5 minutes' is not valid; use a Go duration",
     ),
+    (
+        "source-timeout-in-hours",
+        with_("sync.sourceTimeout", "1h"),
+        "sync.sourceTimeout: '1h' is not valid; use a duration in ms, s or m",
+    ),
+    ("source-timeout-zero", with_("sync.sourceTimeout", "0s"), "must be longer than zero"),
+    (
+        "sparse-checkout-not-relative",
+        with_("sync.sparseCheckout", ["clusters"]),
+        "sync.sparseCheckout[0]: 'clusters' must be a folder relative to the root",
+    ),
+    (
+        "path-outside-sparse-checkout",
+        with_("sync.sparseCheckout", ["./charts"]),
+        "sync.path: './clusters/appliance' lies outside sync.sparseCheckout",
+    ),
+    (
+        "commit-with-tag",
+        with_("sync.ref", {"tag": "v1", "commit": "a" * 40}),
+        "(or branch with commit)",
+    ),
     ("prune-not-bool", with_("sync.prune", "yes"), "sync.prune: must be true or false"),
     ("uppercase-name", with_("sync.name", "Appliance"), "sync.name: 'Appliance' is not valid"),
     ("short-sha", with_("flux.sha256", "abc"), "flux.sha256: 'abc' is not valid"),

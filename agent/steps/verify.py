@@ -5,6 +5,7 @@ still in progress is success: from here on it is Flux's job."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from agent import desired, log, patch_effects
@@ -39,21 +40,64 @@ GUARD_HINT = (
 )
 
 
+# Conditions source-controller counts as a failed attempt (gitRepositoryFailConditions in
+# internal/controller/gitrepository_controller.go): FetchFailed (auth, DNS, timeout:
+# reasons AuthenticationFailed, GitOperationFailed), IncludeUnavailable, StorageOperationFailed.
+FAIL_CONDITIONS = ("FetchFailed", "IncludeUnavailable", "StorageOperationFailed")
+
+
+def _current(obj: Obj, cond: Obj) -> bool:
+    """Whether a condition speaks of the object's current generation. Flux stamps each
+    condition with it (fluxcd/pkg runtime/conditions, Set), also when a failed fetch leaves
+    status.observedGeneration behind."""
+    seen = cond.get("observedGeneration", obj.get("status", {}).get("observedGeneration", -1))
+    return bool(seen >= obj["metadata"].get("generation", 0))
+
+
+def source_failure(repo: Obj) -> str | None:
+    """Flux's own message when the source failed for its current generation: Stalled, or
+    an attempt that failed. source-controller retries a failed fetch with backoff; the run
+    does not wait for it, it reports it (and Talos runs the agent again)."""
+    name = f"GitRepository {repo['metadata']['namespace']}/{repo['metadata']['name']}"
+    if is_true(repo, "Stalled") and observed_current(repo):
+        return f"{name} is stalled: {_message(repo, 'Stalled')}"
+    ready = condition(repo, "Ready")
+    if ready is None or ready.get("status") != "False" or not _current(repo, ready):
+        return None
+    verified = condition(repo, "SourceVerified") or {}
+    if not any(is_true(repo, c) for c in FAIL_CONDITIONS) and verified.get("status") != "False":
+        return None  # still progressing (Progressing, NewRevision)
+    message = f"{name} failed ({ready.get('reason')}): {ready.get('message')}"
+    if "context deadline exceeded" in str(ready.get("message")):
+        timeout = repo.get("spec", {}).get("timeout", "60s")
+        message += f"; the fetch took longer than its timeout ({timeout}): raise sync.sourceTimeout"
+    return message
+
+
+def source_progress(repo: Obj | None) -> tuple[str, float] | None:
+    """While source-controller works on the source: its own message and how long it has
+    been at it (since its Reconciling condition last changed)."""
+    reconciling = condition(repo, "Reconciling")
+    if repo is None or reconciling is None or reconciling.get("status") != "True":
+        return None
+    since = reconciling.get("lastTransitionTime")
+    seconds = 0.0
+    if since:
+        then = dt.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        seconds = max((dt.datetime.now(dt.UTC) - then).total_seconds(), 0.0)
+    return str(reconciling.get("message", "")), seconds
+
+
 def source_revision(repo: Obj | None) -> str | None:
     """The artifact revision of a GitRepository Ready for its current generation, or None
     while it is still in progress. A failure raises with Flux's own message."""
-    if repo is None or not observed_current(repo):
+    if repo is None:
         return None
-    name = f"GitRepository {repo['metadata']['namespace']}/{repo['metadata']['name']}"
-    if is_true(repo, "Stalled"):
-        raise BootstrapError(f"{name} is stalled: {_message(repo, 'Stalled')}")
-    ready = condition(repo, "Ready")
-    if (
-        ready is not None
-        and ready.get("status") == "False"
-        and ready.get("reason") != "Progressing"
-    ):
-        raise BootstrapError(f"{name} failed ({ready.get('reason')}): {ready.get('message')}")
+    failure = source_failure(repo)
+    if failure:
+        raise BootstrapError(failure)
+    if not observed_current(repo):
+        return None
     revision = repo.get("status", {}).get("artifact", {}).get("revision")
     return revision if is_true(repo, "Ready") and revision else None
 
@@ -103,6 +147,7 @@ def verify(ctx: RunContext) -> StepResult:
         else:
             repo, ks = parallel(ctx.kube.get_like, [repo_ref, ks_ref])
         first_look = []
+        latest["repo"] = repo
         revision = source_revision(repo)
         if revision is None or not attempted(ks, revision):
             return None
@@ -111,8 +156,20 @@ def verify(ctx: RunContext) -> StepResult:
         applied = (ks or {}).get("spec", {}).get("patches", [])
         return revision
 
+    def progress() -> dict[str, object]:
+        fetching = source_progress(latest["repo"])
+        if fetching is None:
+            return {}
+        return {"source": fetching[0], "source_fetching_s": round(fetching[1])}
+
+    latest: dict[str, Obj | None] = {"repo": None}
     revision = wait_until(
-        f"Flux to accept {sync.namespace}/{sync.name}", check, ctx.deadline, _log, interval=2.0
+        f"Flux to accept {sync.namespace}/{sync.name}",
+        check,
+        ctx.deadline,
+        _log,
+        interval=2.0,
+        progress=progress,
     )
     _log.info("Flux accepted the sync", revision=revision)
     if ctx.trust_previous and revision == ctx.previous_revision:
