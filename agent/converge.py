@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +166,12 @@ def condition(obj: Obj | None, kind: str) -> Obj | None:
 def is_true(obj: Obj | None, kind: str) -> bool:
     cond = condition(obj, kind)
     return cond is not None and cond.get("status") == "True"
+
+
+def seconds_since(timestamp: str) -> float:
+    """Seconds from a Kubernetes timestamp (RFC 3339, UTC) to now; never negative."""
+    then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return max((dt.datetime.now(dt.UTC) - then).total_seconds(), 0.0)
 
 
 def observed_current(obj: Obj) -> bool:

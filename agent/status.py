@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import sys
 import time
@@ -17,7 +16,7 @@ import yaml
 from agent import bundle as flux_bundle
 from agent import config as config_module
 from agent import desired, patch_effects
-from agent.converge import condition, observed_current
+from agent.converge import condition, observed_current, seconds_since
 from agent.errors import (
     EXIT_FAILED,
     EXIT_NOT_BOOTSTRAPPED,
@@ -76,8 +75,7 @@ def state_of(obj: Obj | None) -> str:
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
-    then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    return _duration((dt.datetime.now(dt.UTC) - then).total_seconds())
+    return _duration(seconds_since(timestamp))
 
 
 def _duration(total: float) -> str:
@@ -230,8 +228,8 @@ def _collect(
             "url": repo["spec"].get("url"),
             "ref": repo["spec"].get("ref", {}),
             "revision": repo.get("status", {}).get("artifact", {}).get("revision", ""),
-            # source-controller at work (fetching): its message and for how long, in seconds
-            "progress": {"message": fetching[0], "seconds": round(fetching[1])}
+            # source-controller at work (fetching): its message and for how long
+            "progress": {"message": fetching[0], "age": _duration(fetching[1])}
             if fetching
             else None,
         }
@@ -408,7 +406,7 @@ def render_text(report: Obj, colour: bool) -> str:
         )
         if source["progress"]:
             lines.append(
-                f"    source-controller working for {_duration(source['progress']['seconds'])}: "
+                f"    source-controller working for {source['progress']['age']}: "
                 f"{source['progress']['message']}"
             )
     else:

@@ -63,6 +63,7 @@ def test_fresh_run_installs_flux_and_the_sync(kubesim: KubeSim, config: Path) ->
         "url": "https://git.example/org/appliance.git",
         "ref": {"branch": "main"},
         "interval": "1m",
+        "timeout": "60s",  # Flux's default, written out
     }
     ks = kubesim.get(KS_API, "Kustomization", "appliance", "flux-system")
     assert ks["spec"]["path"] == "./clusters/appliance"

@@ -5,7 +5,6 @@ still in progress is success: from here on it is Flux's job."""
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from agent import desired, log, patch_effects
@@ -16,6 +15,7 @@ from agent.converge import (
     is_true,
     observed_current,
     parallel,
+    seconds_since,
     wait_until,
 )
 from agent.errors import BootstrapError
@@ -81,11 +81,7 @@ def source_progress(repo: Obj | None) -> tuple[str, float] | None:
     if repo is None or reconciling is None or reconciling.get("status") != "True":
         return None
     since = reconciling.get("lastTransitionTime")
-    seconds = 0.0
-    if since:
-        then = dt.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-        seconds = max((dt.datetime.now(dt.UTC) - then).total_seconds(), 0.0)
-    return str(reconciling.get("message", "")), seconds
+    return str(reconciling.get("message", "")), seconds_since(since) if since else 0.0
 
 
 def source_revision(repo: Obj | None) -> str | None:
