@@ -322,7 +322,9 @@ def git_revision(spec: dict[str, Any]) -> str:
     """A stable fake revision in Flux's `<ref>@sha1:<hash>` form."""
     ref = spec.get("ref", {})
     digest = hashlib.sha1(f"{spec.get('url')}{sorted(ref.items())}".encode()).hexdigest()
-    if "commit" in ref:
-        return f"sha1:{ref['commit']}"
+    if "commit" in ref:  # with a branch: `<branch>@sha1:<commit>` (fluxcd/pkg git, Commit.String)
+        return (
+            f"{ref['branch']}@sha1:{ref['commit']}" if "branch" in ref else f"sha1:{ref['commit']}"
+        )
     name = ref.get("branch") or ref.get("tag") or ref.get("semver") or ref.get("name") or "HEAD"
     return f"{name}@sha1:{digest}"
