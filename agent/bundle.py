@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from agent import safe_yaml
 from agent.errors import ConfigError
+from agent.kube import BUILTIN_KINDS, Kind, custom_kinds, placement_problem
 
 # Applied first and waited for (CRDs Established) before anything that depends on them.
 FIRST_STAGE_KINDS = ("CustomResourceDefinition", "Namespace", "ClusterRole")
@@ -48,6 +48,14 @@ class FluxBundle:
         minor = ".".join(self.version.lstrip("v").split(".")[:2])
         return MIN_KUBERNETES.get(minor, max(MIN_KUBERNETES.values()))
 
+    @property
+    def kinds(self) -> dict[tuple[str, str], Kind]:
+        """What the agent can write with this bundle: built-in kinds and the bundle's CRDs."""
+        try:
+            return {**BUILTIN_KINDS, **custom_kinds(self.crds)}
+        except ConfigError as err:
+            raise ConfigError(f"{self.path}: {err}") from None
+
     def images(self) -> list[str]:
         found: list[str] = []
         for deploy in self.deployments:
@@ -60,12 +68,11 @@ class FluxBundle:
 
 def load(path: Path, expected_sha256: str) -> FluxBundle:
     try:
-        data = path.read_bytes()
-    except OSError as err:
+        data = safe_yaml.read_bytes(path, safe_yaml.MANIFEST_LIMIT)
+    except ConfigError as err:
         raise ConfigError(
-            f"{path}: cannot read the Flux bundle ({err.strerror}); set "
-            "flux.manifests or --flux-manifests to the `flux install --export` "
-            "file"
+            f"cannot read the Flux bundle: {err}; set flux.manifests or --flux-manifests to "
+            "the `flux install --export` file"
         ) from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
@@ -74,22 +81,7 @@ def load(path: Path, expected_sha256: str) -> FluxBundle:
             f"{expected_sha256}; use the bundle the config pins, or pin this one "
             "after checking where it came from"
         )
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        objects = tuple(o for o in yaml.load_all(data, Loader=loader) if o)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    for obj in objects:
-        if (
-            not isinstance(obj, dict)
-            or not obj.get("kind")
-            or not obj.get("apiVersion")
-            or not obj.get("metadata", {}).get("name")
-        ):
-            raise ConfigError(
-                f"{path}: every document must be a Kubernetes object with "
-                "apiVersion, kind and metadata.name"
-            )
+    objects = safe_yaml.objects_in(safe_yaml.text_of(data, str(path)), str(path))
     versions = {
         o["metadata"].get("labels", {}).get("app.kubernetes.io/version") for o in objects
     } - {None}
@@ -103,4 +95,10 @@ def load(path: Path, expected_sha256: str) -> FluxBundle:
         raise ConfigError(
             f"{path}: holds no CustomResourceDefinitions; is this `flux install --export` output?"
         )
-    return FluxBundle(path, actual, versions.pop(), objects)
+    bundle = FluxBundle(path, actual, str(versions.pop()), objects)
+    kinds = bundle.kinds
+    for number, obj in enumerate(objects, 1):
+        problem = placement_problem(obj, kinds)
+        if problem:
+            raise ConfigError(f"{path}: document {number}: {problem}")
+    return bundle

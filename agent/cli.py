@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, interrupt, log
-from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, duration_seconds
+from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, MAX_DURATION_S, duration_seconds
 from agent.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -23,9 +23,12 @@ from agent.errors import (
 
 def parse_duration(text: str) -> float:
     try:
-        return duration_seconds(text)
+        seconds = duration_seconds(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero and finite")
+    return seconds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -314,12 +317,11 @@ def _pinned_flux() -> str:
 def _validate(args: argparse.Namespace) -> int:
     from agent import bundle as flux_bundle
     from agent import config as config_module
-    from agent.steps.seed_site import load_manifest
+    from agent.steps.seed_site import check_manifests
 
     config = config_module.load(args.config)
     bundle = flux_bundle.load(args.flux_manifests or config.flux.manifests, config.flux.sha256)
-    for manifest in config.site.manifests:
-        load_manifest(manifest)
+    check_manifests(config, bundle.kinds)
     print(
         f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
         f"{config.sync.ref.describe()} {config.sync.path})"

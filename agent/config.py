@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import yaml
-
+from agent import safe_yaml
 from agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,15 +24,46 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "alga-talos-single-node"  # what the image boots with no config file
 TALOS_ENDPOINTS = ("https://127.0.0.1:7445", "https://127.0.0.1:6443")
 
-DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+# Patterns are matched whole (fullmatch), so a trailing newline never slips through.
+DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(ms|s|m|h))+")
 # GitRepository spec.timeout takes no hours (its CRD pattern in the Flux v2.9.4 bundle).
-SOURCE_TIMEOUT = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m))+$")
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-SCP_URL = re.compile(r"^(?P<user>[^@/:]+)@(?P<host>[^:/]+):(?P<path>.+)$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SOURCE_TIMEOUT = re.compile(r"([0-9]+(\.[0-9]+)?(ms|s|m))+")
+# Kubernetes' names, as k8s.io/apimachinery/pkg/util/validation/validation.go checks them:
+# IsDNS1123Label (namespaces), IsDNS1123Subdomain (object names), IsConfigMapKey (Secret and
+# ConfigMap data keys; also never ".", ".." or a "..x" prefix), IsQualifiedName (label keys)
+# and IsValidLabelValue.
+DNS_LABEL = re.compile(r"(?=.{1,63}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+SECRET_KEY = re.compile(r"(?=.{1,253}\Z)(?!\.\.)(?!\.\Z)[-._a-zA-Z0-9]+")
+LABEL_NAME = r"(?=.{1,63}(\Z|/))[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"({DNS_SUBDOMAIN.pattern}/)?{LABEL_NAME}")
+LABEL_VALUE = re.compile(r"(?=.{0,63}\Z)(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+NAME_HINTS = {
+    DNS_LABEL: "a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters",
+    DNS_SUBDOMAIN: "a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 "
+    "characters",
+}
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SCP_URL = re.compile(r"(?P<user>[^@/:]+)@(?P<host>[^:/]+):(?P<path>.+)")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+LABEL_HINT = (
+    "label keys are [prefix/]name, names and values at most 63 letters, digits, '-', '_' "
+    "or '.', starting and ending with a letter or digit"
+)
+DATA_KEY_HINT = "data keys hold letters, digits, '-', '_' and '.' (at most 253; not '.' or '..')"
+MAX_DURATION_S = (2**63 - 1) / 1e9  # Go's time.Duration, which Flux parses intervals into
 REF_KINDS = ("branch", "tag", "semver", "commit", "name")
+PATCH_TARGET_FIELDS = (
+    "group",
+    "version",
+    "kind",
+    "name",
+    "namespace",
+    "labelSelector",
+    "annotationSelector",
+)
 
 
 @dataclass(frozen=True)
@@ -141,6 +172,7 @@ class PrerequisiteManifest:
 
     file: Path
     skip_if_exists: tuple[str, str, str, str] | None  # apiVersion, kind, namespace, name
+    objects: tuple[dict[str, Any], ...] = ()  # read and checked with the config
 
 
 @dataclass(frozen=True)
@@ -220,12 +252,22 @@ class _Section:
             return default
         if not isinstance(value, str) or not value:
             self.fail(f"must be a non-empty string, got {type(value).__name__}", key)
-        if pattern is not None and not pattern.match(value):
-            self.fail(f"{value!r} is not valid{hint and '; ' + hint}", key)
+        if CONTROL.search(value):
+            self.fail("must not hold control characters (a tab, a line break)", key)
+        if pattern is not None and not pattern.fullmatch(value):
+            hint = hint or NAME_HINTS.get(pattern, "")
+            self.fail(f"{safe_yaml.shown(value)} is not valid{hint and '; ' + hint}", key)
         return value
 
-    def duration(self, key: str, default: str) -> str:
-        return self.text(key, default, DURATION, "use a Go duration such as 30s, 5m or 1h")
+    def duration(self, key: str, default: str, positive: bool = True) -> str:
+        """A Go duration; Flux's intervals and timeouts must be above zero."""
+        value = self.text(key, default, DURATION, "use a Go duration such as 30s, 5m or 1h")
+        seconds = duration_seconds(value)
+        if positive and seconds <= 0:
+            self.fail(f"{value!r} must be longer than zero", key)
+        if seconds > MAX_DURATION_S:
+            self.fail(f"{value!r} is longer than a Go duration can hold (2562047h)", key)
+        return value
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.raw(key)
@@ -249,11 +291,17 @@ class _Section:
             if required:
                 self.fail("is required", key)
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or CONTROL.search(value):
             self.fail("must be a file path", key)
         path = Path(value) if Path(value).is_absolute() else self.base_dir / value
-        if not path.is_file():
+        try:
+            info = os.stat(path)
+        except OSError:
             self.fail(f"file {str(path)!r} does not exist or is not a file", key)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            self.fail(f"{str(path)!r} is not a regular file", key)
+        if info.st_size > safe_yaml.CONFIG_LIMIT:
+            self.fail(f"{str(path)!r} is larger than 1 MiB; is it the right file?", key)
         return path
 
     def items(self, key: str) -> list[Any]:
@@ -264,7 +312,13 @@ class _Section:
             self.fail("must be a list", key)
         return value
 
-    def string_map(self, key: str) -> dict[str, str]:
+    def string_map(
+        self,
+        key: str,
+        key_pattern: re.Pattern[str],
+        value_pattern: re.Pattern[str] | None = None,
+        hint: str = "",
+    ) -> dict[str, str]:
         value = self.raw(key)
         if value is None:
             return {}
@@ -272,10 +326,15 @@ class _Section:
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
             self.fail("must be a mapping of strings to strings (quote numbers and booleans)", key)
+        for k, v in value.items():
+            if not key_pattern.fullmatch(k):
+                self.fail(f"key {safe_yaml.shown(k)} is not valid; {hint}", key)
+            if value_pattern is not None and not value_pattern.fullmatch(v):
+                self.fail(f"value {safe_yaml.shown(v)} of {k!r} is not valid; {hint}", key)
         return dict(value)
 
     def close(self) -> None:
-        unknown = sorted(set(self.data) - self.read)
+        unknown = sorted(map(str, set(self.data) - self.read))
         if unknown:
             known = ", ".join(sorted(self.read)) or "none"
             self.fail(f"unknown field (known fields here: {known})", unknown[0])
@@ -302,26 +361,14 @@ def load(path: Path | None) -> Config:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: config file not found; pass --config PATH or set {CONFIG_ENV}"
-        ) from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a YAML mapping")
-    return data
+    if not os.path.lexists(path):
+        raise ConfigError(f"{path}: config file not found; pass --config PATH or set {CONFIG_ENV}")
+    return safe_yaml.load_mapping(path)
+
+
+def packaged_presets() -> dict[str, Path]:
+    """The presets shipped with the agent, by name."""
+    return {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -338,12 +385,13 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 def parse(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     preset_name = data.get("preset")
     if preset_name is not None:
-        if not isinstance(preset_name, str) or not (PRESET_DIR / f"{preset_name}.yaml").is_file():
-            names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        presets = packaged_presets()  # a name, never a path: `../../x` is no preset
+        if not isinstance(preset_name, str) or preset_name not in presets:
             raise ConfigError(
-                f"{source}: preset: unknown preset {preset_name!r}; choose one of: {names}"
+                f"{source}: preset: unknown preset {preset_name!r}; choose one of: "
+                f"{', '.join(sorted(presets))}"
             )
-        preset_data = _read_yaml(PRESET_DIR / f"{preset_name}.yaml")
+        preset_data = _read_yaml(presets[preset_name])
         data = deep_merge(preset_data, {k: v for k, v in data.items() if k != "preset"})
     alga_settings = None
     if "alga" in data:  # the Alga appliance's section becomes general site and sync settings
@@ -375,13 +423,17 @@ def _cluster(s: _Section) -> ClusterConfig:
         "use kubeconfig (a file) or talos (from machined, on a Talos node)",
     )
     kubeconfig = s.raw("kubeconfig")
-    if kubeconfig is not None and (not isinstance(kubeconfig, str) or not kubeconfig):
+    if kubeconfig is not None and (
+        not isinstance(kubeconfig, str) or not kubeconfig or CONTROL.search(kubeconfig)
+    ):
         s.fail("must be a file path", "kubeconfig")
     endpoints = None
     if s.has("endpoints"):
         endpoints = tuple(s.items("endpoints"))
         for i, endpoint in enumerate(endpoints):
-            if not isinstance(endpoint, str) or not re.match(r"^https://[^/\s]+$", endpoint):
+            if not isinstance(endpoint, str) or not re.fullmatch(
+                r"https://[^/\s\x00-\x1f\x7f]+", endpoint
+            ):
                 s.fail(f"{endpoint!r} is not an https://host:port URL", f"endpoints[{i}]")
         if not endpoints:
             s.fail("must list at least one https://host:port URL", "endpoints")
@@ -409,10 +461,7 @@ def _sync(s: _Section) -> SyncConfig:
     if ".." in Path(path).parts:
         s.fail(f"{path!r} must not leave the repository with ..", "path")
     sparse_checkout = _sparse_checkout(s, path)
-    patches = s.items("patches")
-    for i, patch in enumerate(patches):
-        if not isinstance(patch, dict) or not isinstance(patch.get("patch"), str):
-            s.fail("each patch needs `patch` (a string) and may have `target`", f"patches[{i}]")
+    patches = [_patch(_item(p, f"sync.patches[{i}]", s)) for i, p in enumerate(s.items("patches"))]
     credentials = (
         _credentials(s.section("credentials"), name, url) if s.has("credentials") else None
     )
@@ -474,15 +523,70 @@ def inside(path: str, folder: str) -> bool:
     return path_parts[: len(folder_parts)] == folder_parts
 
 
+def _patch(s: _Section) -> dict[str, Any]:
+    """One Kustomization patch, as Flux's kustomize.Patch takes it (fluxcd/pkg apis/kustomize:
+    Patch{patch, target}; Selector{group, version, kind, name, namespace, labelSelector,
+    annotationSelector}, all strings)."""
+    patch: dict[str, Any] = {"patch": s.raw("patch")}
+    if not isinstance(patch["patch"], str) or not patch["patch"].strip():
+        s.fail("needs `patch`, the patch as a string", "patch")
+    if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", patch["patch"]):
+        s.fail("must not hold control characters", "patch")
+    # Strict YAML, like every input: Flux would refuse a broken patch only after the writes,
+    # and `status` reads the patches back.
+    safe_yaml.documents(patch["patch"], f"{s.source}: {s.path}.patch")
+    if s.has("target"):
+        t = s.section("target")
+        patch["target"] = {k: t.text(k) for k in PATCH_TARGET_FIELDS if t.has(k)}
+        t.close()
+    s.raw("target")
+    s.close()
+    return patch
+
+
 def _git_url(s: _Section) -> str:
+    """A Git URL with no secret in it: credentials go in files (sync.credentials)."""
+    raw = s.raw("url")
+    if isinstance(raw, str) and re.search(r"[\s\x00-\x1f\x7f]", raw):
+        s.fail("must not hold whitespace or control characters", "url")
     url = s.text("url", hint="the Git repository, https://... or ssh://...")
-    scp = SCP_URL.match(url)
+    _refuse_secret_in_url(s, url)
+    scp = SCP_URL.fullmatch(url)
     if scp and "://" not in url:
         fixed = f"ssh://{scp['user']}@{scp['host']}/{scp['path']}"
         s.fail(f"scp-style URL {url!r} is not accepted by Flux; use {fixed!r}", "url")
-    if not re.match(r"^(http|https|ssh)://[^/\s]+", url):
-        s.fail(f"{url!r} must start with https://, http:// or ssh://", "url")
+    if not re.match(r"(http|https|ssh)://[^/\s]+", url):
+        s.fail("must start with https://, http:// or ssh://", "url")
     return url
+
+
+def _refuse_secret_in_url(s: _Section, url: str) -> None:
+    """A password or token in the URL would end up in the GitRepository, the run record,
+    `validate` and `status`. ssh:// may name a user (ssh://git@host/...); http(s):// may not
+    (a token works as a user name at GitHub and GitLab). The URL is never echoed here."""
+    fix = (
+        "put credentials in files named by sync.credentials (usernameFile + passwordFile or "
+        "bearerTokenFile for https://, identityFile + knownHostsFile for ssh://)"
+    )
+    scheme, sep, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else ""
+    userinfo = authority.rpartition("@")[0]
+    if userinfo and (scheme != "ssh" or not re.fullmatch(r"[A-Za-z0-9._-]+", userinfo)):
+        s.fail(f"must not carry a user name, password or token; {fix}", "url")
+    if re.search(r"[?#]", url):
+        s.fail(f"must not carry a query or fragment (a token hides there); {fix}", "url")
+
+
+def url_without_secrets(url: str) -> str:
+    """A Git URL read from the cluster (written before such URLs were refused), as the agent
+    shows it: no password, no token, no query."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if at and (scheme != "ssh" or ":" in user):
+        authority = f"<redacted>@{host}"
+    shown = f"{scheme}{sep}{authority}{slash}{path}" if sep else url
+    return re.sub(r"[?#].*", "?<redacted>", shown, flags=re.DOTALL)
 
 
 def _ref(s: _Section) -> GitRef:
@@ -491,16 +595,15 @@ def _ref(s: _Section) -> GitRef:
         s.raw(key)
     s.close()
     for key in given:
-        if not isinstance(s.data[key], str) or not s.data[key]:
-            s.fail("must be a non-empty string", key)
+        s.text(key)  # a non-empty string without control characters
     # Flux fetches a commit from one branch when both are given (fluxcd/pkg
     # git/gogit/clone.go, cloneCommit); any other pair would be silently overruled.
     with_branch = sorted(given) == ["branch", "commit"]
     if len(given) != 1 and not with_branch:
         s.fail("set exactly one of branch, tag, semver, commit, name (or branch with commit)")
     kind = "commit" if with_branch else given[0]
-    value = s.data[kind]
-    if kind == "commit" and not re.match(r"^[0-9a-f]{40}([0-9a-f]{24})?$", value):
+    value = s.text(kind)
+    if kind == "commit" and not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", value):
         s.fail(f"{value!r} is not a full commit SHA (40 hex digits)", kind)
     return GitRef(kind, value, s.data["branch"] if with_branch else "")
 
@@ -547,7 +650,8 @@ def _site(s: _Section) -> SiteConfig:
     namespaces = []
     for i, item in enumerate(s.items("namespaces")):
         n = _item(item, f"site.namespaces[{i}]", s)
-        namespaces.append(NamespaceSpec(n.text("name", pattern=DNS_LABEL), n.string_map("labels")))
+        labels = n.string_map("labels", LABEL_KEY, LABEL_VALUE, LABEL_HINT)
+        namespaces.append(NamespaceSpec(n.text("name", pattern=DNS_LABEL), labels))
         n.close()
     secrets = []
     for i, item in enumerate(s.items("secrets")):
@@ -559,24 +663,34 @@ def _site(s: _Section) -> SiteConfig:
             CreateOnceConfigMap(
                 c.text("namespace", pattern=DNS_LABEL),
                 c.text("name", pattern=DNS_SUBDOMAIN),
-                c.string_map("data"),
+                c.string_map("data", SECRET_KEY, hint=DATA_KEY_HINT),
                 c.flag("createOnce", True),
             )
         )
         c.close()
     manifests = []
+    manifest_bytes = 0
     for i, item in enumerate(s.items("manifests")):
         m = _item(item, f"site.manifests[{i}]", s)
         file = m.file("file")
+        assert file is not None
+        manifest_bytes += file.stat().st_size
+        if manifest_bytes > safe_yaml.MANIFEST_LIMIT:
+            m.fail("the site manifests together are larger than 2 MiB", "file")
+        objects = safe_yaml.load_objects(file, f"{s.source}: site.manifests[{i}].file")
         skip = None
         if m.has("skipIfExists"):
             k = m.section("skipIfExists")
-            skip = (k.text("apiVersion"), k.text("kind"), k.text("namespace", ""), k.text("name"))
+            skip = (
+                k.text("apiVersion", pattern=safe_yaml.API_VERSION),
+                k.text("kind", pattern=safe_yaml.KIND),
+                k.text("namespace", "", DNS_LABEL) if k.has("namespace") else "",
+                k.text("name", pattern=safe_yaml.OBJECT_NAME, hint="an object name"),
+            )
             k.close()
         m.raw("skipIfExists")
         m.close()
-        assert file is not None
-        manifests.append(PrerequisiteManifest(file, skip))
+        manifests.append(PrerequisiteManifest(file, skip, objects))
     s.close()
     return SiteConfig(tuple(namespaces), tuple(secrets), tuple(config_maps), tuple(manifests))
 
@@ -587,10 +701,8 @@ def _generated_secret(s: _Section) -> GeneratedSecret:
     keys_section = s.section("keys")
     keys = []
     for key in keys_section.data:
-        if not isinstance(key, str) or not SECRET_KEY.match(key):
-            keys_section.fail(
-                "Secret keys may hold only letters, digits, '-', '_' and '.'", str(key)
-            )
+        if not isinstance(key, str) or not SECRET_KEY.fullmatch(key):
+            keys_section.fail(f"key {safe_yaml.shown(key)} is not valid; {DATA_KEY_HINT}")
         spec = keys_section.section(key)
         has_generate, has_file = spec.has("generate"), spec.has("file")
         if has_generate == has_file:
@@ -652,7 +764,7 @@ def _talos(s: _Section) -> TalosConfig:
     talos = TalosConfig(
         socket,
         _bootstrap_etcd(s),
-        duration_seconds(s.duration("bootstrapAfter", "20s")),
+        duration_seconds(s.duration("bootstrapAfter", "20s", positive=False)),
     )
     s.close()
     return talos

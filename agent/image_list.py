@@ -11,7 +11,6 @@ import yaml
 
 from agent import bundle as flux_bundle
 from agent.config import Config
-from agent.steps.seed_site import load_manifest
 
 
 def _images_in(node: Any) -> Iterator[str]:
@@ -38,7 +37,7 @@ def first_boot_images(config: Config) -> list[str]:
     bundle = flux_bundle.load(config.flux.manifests, config.flux.sha256)
     found: list[str] = list(bundle.images())
     for manifest in config.site.manifests:
-        for obj in load_manifest(manifest):
+        for obj in manifest.objects:
             found += _images_in(obj)
     if config.alga is not None:
         from agent.presets import alga

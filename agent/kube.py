@@ -61,6 +61,39 @@ BUILTIN_KINDS: dict[tuple[str, str], Kind] = {
 }
 
 
+def custom_kinds(crds: list[Obj]) -> dict[tuple[str, str], Kind]:
+    """The kinds CustomResourceDefinitions define; ConfigError for one that defines none."""
+    kinds = {}
+    for crd in crds:
+        try:
+            spec = crd["spec"]
+            for version in spec["versions"]:
+                api_version = f"{spec['group']}/{version['name']}"
+                kinds[(api_version, spec["names"]["kind"])] = Kind(
+                    spec["names"]["plural"], spec.get("scope") == "Namespaced"
+                )
+        except (KeyError, TypeError):
+            name = crd["metadata"]["name"]
+            raise ConfigError(
+                f"CustomResourceDefinition {name} lacks spec.group, spec.names or spec.versions"
+            ) from None
+    return kinds
+
+
+def placement_problem(obj: Obj, kinds: dict[tuple[str, str], Kind]) -> str | None:
+    """Why the agent could not write `obj` (no path for its kind, no namespace), or None."""
+    api_version, kind, meta = obj["apiVersion"], obj["kind"], obj["metadata"]
+    found = kinds.get((api_version, kind))
+    if found is None:
+        return (
+            f"kind {kind} ({api_version}) is neither one the agent knows nor a "
+            "CustomResourceDefinition of the Flux bundle"
+        )
+    if found.namespaced and not meta.get("namespace"):
+        return f"{kind} {meta['name']} needs metadata.namespace"
+    return None
+
+
 class ApiError(BootstrapError):
     """The API server refused a request, after retries where a retry could help."""
 
@@ -307,13 +340,7 @@ class Kube:
 
     def register_crds(self, crds: list[Obj]) -> None:
         """Learn the paths of custom kinds from their definitions, without discovery."""
-        for crd in crds:
-            spec = crd["spec"]
-            for version in spec["versions"]:
-                api_version = f"{spec['group']}/{version['name']}"
-                self.kinds[(api_version, spec["names"]["kind"])] = Kind(
-                    spec["names"]["plural"], spec.get("scope") == "Namespaced"
-                )
+        self.kinds.update(custom_kinds(crds))
 
     def path(self, api_version: str, kind: str, namespace: str = "", name: str = "") -> str:
         found = self.kinds.get((api_version, kind))

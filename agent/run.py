@@ -114,6 +114,7 @@ def run(options: RunOptions) -> list[StepResult]:
         dry_run=options.dry_run,
     )
     bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
+    seed_site.check_manifests(config, bundle.kinds)  # all input refused before any request
     _log.info("flux bundle", flux=bundle.version, sha256=bundle.sha256)
     try:
         kube = connect(config, options.kubeconfig, deadline, context=options.context)

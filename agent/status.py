@@ -225,7 +225,7 @@ def _collect(
         fetching = source_progress(repo)
         report["source"] = {
             **_flux_object(repo),
-            "url": repo["spec"].get("url"),
+            "url": config_module.url_without_secrets(repo["spec"].get("url") or ""),
             "ref": repo["spec"].get("ref", {}),
             "revision": repo.get("status", {}).get("artifact", {}).get("revision", ""),
             # source-controller at work (fetching): its message and for how long

@@ -22,7 +22,7 @@ import yaml
 
 from agent import config as config_module
 from agent import desired
-from agent.steps import create_sync, seed_site
+from agent.steps import create_sync
 from kubesim import KubeSim, upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def the_same_objects(config: config_module.Config, path: Path) -> None:
     """What the agent applies after Flux, for kubectl: site objects and the sync."""
     objects: list[dict[str, Any]] = [desired.namespace(n) for n in config.site.namespaces]
     for manifest in config.site.manifests:
-        objects += seed_site.load_manifest(manifest)
+        objects += manifest.objects
     for secret in config.site.secrets:
         values = {k.name: os.urandom(k.generate_bytes).hex().encode() for k in secret.keys}
         objects.append(desired.generated_secret(secret, values))

@@ -478,7 +478,7 @@ def test_validate_accepts_the_preset_and_the_default(tmp_path: Path, write_confi
         ({"appUrl": "https://psa.example.test/app"}, "is not a site URL"),
         (
             {"mode": "base", "valuesDir": "MISSING_ONE"},
-            "pgbouncer.talos-single-node.yaml' is missing",
+            "pgbouncer.talos-single-node.yaml: file not found",
         ),
     ],
 )

@@ -32,7 +32,7 @@ ALGA = {"preset": "alga-talos-single-node", "flux": basic_config()["flux"]}
 
 CORPUS: list[tuple[str, Any, str]] = [
     ("yaml-syntax", "sync: [unclosed", "invalid YAML at line"),
-    ("not-a-mapping", "- a\n- b\n", "the config must be a YAML mapping"),
+    ("not-a-mapping", "- a\n- b\n", "must hold a YAML mapping, not list"),
     ("unknown-top-key", with_("sinc", {}), "sinc: unknown field"),
     ("unknown-sync-key", with_("sync.brnach", "main"), "sync.brnach: unknown field"),
     ("missing-url", with_("sync.url", None), "sync.url: is required"),

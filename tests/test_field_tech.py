@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -46,7 +47,8 @@ def older_bundle(tmp_path: Path, *, extra_version: bool = False) -> tuple[Path, 
     docs = list(yaml.safe_load_all(text))
     if extra_version:
         crd = next(d for d in docs if d["metadata"]["name"] == GITREPO_CRD)
-        beta = {**crd["spec"]["versions"][0], "name": "v1beta2", "storage": False}
+        # A copy, not a shared schema: YAML would write that as an alias, which is refused.
+        beta = {**copy.deepcopy(crd["spec"]["versions"][0]), "name": "v1beta2", "storage": False}
         crd["spec"]["versions"].append(beta)
     path = tmp_path / "old-bundle.yaml"
     path.write_text(yaml.safe_dump_all(docs))

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
+from agent import safe_yaml
 from agent.config import deep_merge
 from agent.errors import ConfigError
 from agent.patches import MARK, go_safe_yaml, guarded_add
@@ -175,6 +174,8 @@ def _string(section: dict[str, Any], key: str, source: str, prefix: str = "") ->
     value = section.get(key)
     if not isinstance(value, str) or not value.strip():
         raise _fail(source, prefix + key, "is required and must be a non-empty string")
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise _fail(source, prefix + key, "must not hold control characters")
     return value
 
 
@@ -193,13 +194,13 @@ def expand(
     if not isinstance(alga, dict):
         raise ConfigError(f"{source}: alga: must be a mapping")
     known = {"mode", "appUrl", "host", "release", "images", "valuesDir", "storage", "secrets"}
-    unknown = sorted(set(alga) - known)
+    unknown = sorted(map(str, set(alga) - known))
     if unknown:
         raise _fail(
             source, unknown[0], f"unknown field (known fields here: {', '.join(sorted(known))})"
         )
     mode = alga.get("mode", "profile")
-    if mode not in ROOT_PATHS:
+    if not isinstance(mode, str) or mode not in ROOT_PATHS:
         raise _fail(source, "mode", f"{mode!r} is not a mode; use profile or base")
     app_url, host = _app_url(alga, source)
     tags = _images(alga, source)
@@ -207,29 +208,28 @@ def expand(
     site_values = component_site_values(app_url, host, tags)
 
     out = {k: v for k, v in data.items() if k != "alga"}
-    sync = dict(out.get("sync") or {})
+    sync, site = _mapping(out, "sync", source), _mapping(out, "site", source)
     if "path" in sync and sync["path"] != ROOT_PATHS[mode]:
         raise ConfigError(
             f"{source}: sync.path: set by alga.mode ({mode}: {ROOT_PATHS[mode]});"
             " remove sync.path or change alga.mode"
         )
     sync["path"] = ROOT_PATHS[mode]
-    site = dict(out.get("site") or {})
     site["namespaces"] = [
         {"name": "alga-system"},
         {"name": "appliance-system", "labels": dict(PRIVILEGED)},
         {"name": "msp", "labels": dict(PRIVILEGED)},
-        *site.get("namespaces", []),
+        *_list(site, "namespaces", source),
     ]
-    site["secrets"] = [*_secrets(alga, source, base_dir), *site.get("secrets", [])]
+    site["secrets"] = [*_secrets(alga, source, base_dir), *_list(site, "secrets", source)]
     # Profile mode: the agent sets the tags, so it owns the release selection too and keeps
     # it equal to them. Base mode: the appliance's updater owns both after the first boot.
     config_maps = [release_selection(release, tags, owned=mode == "profile")]
     if mode == "base":
         config_maps += values_config_maps(_values_dir(alga, source, base_dir), site_values, source)
         site_values = {}  # the values ConfigMaps carry them
-    sync["patches"] = [*sync.get("patches", []), *root_patches(site_values, tags)]
-    site["configMaps"] = [*config_maps, *site.get("configMaps", [])]
+    sync["patches"] = [*_list(sync, "patches", source, "sync."), *root_patches(site_values, tags)]
+    site["configMaps"] = [*config_maps, *_list(site, "configMaps", source)]
     storage = alga.get("storage", True)
     if not isinstance(storage, bool):
         raise _fail(source, "storage", "must be true or false")
@@ -243,19 +243,34 @@ def expand(
                     "name": "local-path",
                 },
             },
-            *site.get("manifests", []),
+            *_list(site, "manifests", source),
         ]
     out["sync"], out["site"] = sync, site
     return out, AlgaSettings(mode, tags)
+
+
+def _mapping(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key}: must be a mapping")
+    return dict(value or {})
+
+
+def _list(data: dict[str, Any], key: str, source: str, prefix: str = "site.") -> list[Any]:
+    value = data.get(key)
+    if value is not None and not isinstance(value, list):
+        raise ConfigError(f"{source}: {prefix}{key}: must be a list")
+    return list(value or [])
 
 
 def _app_url(alga: dict[str, Any], source: str) -> tuple[str, str]:
     url = _string(alga, "appUrl", source)
     parts = urlsplit(url)
     if (
-        parts.scheme not in ("https", "http")
+        " " in url
+        or parts.scheme not in ("https", "http")
         or not parts.hostname
-        or not HOST.match(parts.hostname)
+        or not HOST.fullmatch(parts.hostname)
         or parts.path not in ("", "/")
         or parts.query
     ):
@@ -266,7 +281,7 @@ def _app_url(alga: dict[str, Any], source: str) -> tuple[str, str]:
             "for example https://psa.example.com",
         )
     host = alga.get("host", parts.hostname)
-    if not isinstance(host, str) or not HOST.match(host):
+    if not isinstance(host, str) or len(host) > 253 or not HOST.fullmatch(host):
         raise _fail(source, "host", f"{host!r} is not a lowercase DNS name")
     return url.rstrip("/"), host
 
@@ -275,7 +290,7 @@ def _images(alga: dict[str, Any], source: str) -> dict[str, str]:
     images = alga.get("images")
     if not isinstance(images, dict):
         raise _fail(source, "images", f"must map each of {', '.join(IMAGE_KEYS)} to a tag")
-    unknown = sorted(set(images) - set(IMAGE_KEYS))
+    unknown = sorted(map(str, set(images) - set(IMAGE_KEYS)))
     if unknown:
         raise _fail(
             source, f"images.{unknown[0]}", f"unknown image (known: {', '.join(IMAGE_KEYS)})"
@@ -294,7 +309,7 @@ def _images(alga: dict[str, Any], source: str) -> dict[str, str]:
                 f"images.{key}",
                 "'latest' is refused: pin the release's tag so a restart never changes what runs",
             )
-        if not TAG.match(tag):
+        if not TAG.fullmatch(tag):
             raise _fail(source, f"images.{key}", f"{tag!r} is not a valid image tag")
         tags[key] = tag
     return tags
@@ -304,7 +319,7 @@ def _release(alga: dict[str, Any], source: str) -> dict[str, str]:
     release = alga.get("release")
     if not isinstance(release, dict):
         raise _fail(source, "release", "must set version, channel, appVersion and branch")
-    unknown = sorted(set(release) - {"version", "channel", "appVersion", "branch"})
+    unknown = sorted(map(str, set(release) - {"version", "channel", "appVersion", "branch"}))
     if unknown:
         raise _fail(
             source,
@@ -319,9 +334,12 @@ def _release(alga: dict[str, Any], source: str) -> dict[str, str]:
 
 def _secrets(alga: dict[str, Any], source: str, base_dir: Path) -> list[dict[str, Any]]:
     """The two generated Secrets; a site may supply either value from a file instead."""
-    given = alga.get("secrets") or {}
+    given = {} if alga.get("secrets") is None else alga["secrets"]
     if not isinstance(given, dict) or set(given) - {"statusTokenFile", "authKeyFile"}:
         raise _fail(source, "secrets", "may set only statusTokenFile and authKeyFile")
+    for field, value in given.items():
+        if value is not None and not isinstance(value, str):
+            raise _fail(source, f"secrets.{field}", "must be a file path")
 
     def key(field: str) -> dict[str, Any]:
         if given.get(field):
@@ -421,7 +439,7 @@ def release_selection(release: dict[str, str], tags: dict[str, str], owned: bool
 
 def _values_dir(alga: dict[str, Any], source: str, base_dir: Path) -> Path:
     raw = alga.get("valuesDir")
-    if not isinstance(raw, str) or not raw:
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
         raise _fail(
             source,
             "valuesDir",
@@ -441,14 +459,7 @@ def values_config_maps(
     out = []
     for component in COMPONENTS:
         file = values_dir / values_key(component)
-        try:
-            values = yaml.safe_load(file.read_text()) or {}
-        except FileNotFoundError:
-            raise _fail(source, "valuesDir", f"values file {str(file)!r} is missing") from None
-        except (OSError, yaml.YAMLError) as err:
-            raise _fail(source, "valuesDir", f"cannot read {str(file)!r}: {err}") from None
-        if not isinstance(values, dict):
-            raise _fail(source, "valuesDir", f"{str(file)!r} must hold a YAML mapping")
+        values = safe_yaml.load_mapping(file, where=f"{source}: alga.valuesDir")
         merged = deep_merge(values, site_values.get(component, {}))
         out.append(
             {

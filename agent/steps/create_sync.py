@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import desired, log, patch_effects
-from agent.config import GitCredentials
+from agent.config import GitCredentials, url_without_secrets
 from agent.context import RunContext
 from agent.converge import StepResult, ensure, parallel
 from agent.drift import differences
@@ -56,8 +56,9 @@ def _refuse_retargeting(
     if old_url and old_url != repo["spec"]["url"]:
         raise NeedsDecision(
             f"GitRepository {ctx.config.sync.namespace}/{ctx.config.sync.name} syncs "
-            f"{old_url}, the config says {repo['spec']['url']}; with prune on, a wrong "
-            "source deletes the application. Fix sync.url, or re-run with --force"
+            f"{url_without_secrets(old_url)}, the config says {repo['spec']['url']}; with "
+            "prune on, a wrong source deletes the application. Fix sync.url, or re-run with "
+            "--force"
         )
     old_path = (live_ks or {}).get("spec", {}).get("path")
     if old_path and old_path != ks["spec"]["path"]:

@@ -13,10 +13,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import yaml
-
 from agent import desired, log
 from agent.config import (
+    Config,
     CreateOnceConfigMap,
     GeneratedSecret,
     PrerequisiteManifest,
@@ -24,6 +23,7 @@ from agent.config import (
 from agent.context import RunContext
 from agent.converge import StepResult, describe, ensure, parallel
 from agent.errors import ConfigError
+from agent.kube import Kind, placement_problem
 
 _log = log.get("seed-site")
 Obj = dict[str, Any]
@@ -61,15 +61,25 @@ def _create_once(ctx: RunContext, spec: CreateOnceConfigMap) -> list[str]:
     return []
 
 
-def load_manifest(manifest: PrerequisiteManifest) -> list[Obj]:
-    try:
-        docs = [d for d in yaml.safe_load_all(manifest.file.read_text()) if d]
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{manifest.file}: cannot read prerequisite manifest: {err}") from None
-    for doc in docs:
-        if not isinstance(doc, dict) or not doc.get("metadata", {}).get("name"):
-            raise ConfigError(f"{manifest.file}: every document must be a Kubernetes object")
-    return docs
+def check_manifests(config: Config, kinds: dict[tuple[str, str], Kind]) -> None:
+    """Before the first request: every prerequisite object, and every marker, is of a kind
+    the agent can write (built in, or a CRD of the Flux bundle)."""
+    for i, manifest in enumerate(config.site.manifests):
+        for number, obj in enumerate(manifest.objects, 1):
+            problem = placement_problem(obj, kinds)
+            if problem:
+                raise ConfigError(
+                    f"{config.source}: site.manifests[{i}].file: {manifest.file}: "
+                    f"document {number}: {problem}"
+                )
+        if manifest.skip_if_exists:
+            api_version, kind, namespace, name = manifest.skip_if_exists
+            meta = {"name": name, "namespace": namespace}
+            problem = placement_problem(
+                {"apiVersion": api_version, "kind": kind, "metadata": meta}, kinds
+            )
+            if problem:
+                raise ConfigError(f"{config.source}: site.manifests[{i}].skipIfExists: {problem}")
 
 
 def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
@@ -78,7 +88,7 @@ def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
         if ctx.kube.get(api_version, kind, name, namespace) is not None:
             _log.info(f"{kind} {name} exists; leaving {manifest.file.name} alone")
             return [f"unchanged {manifest.file.name} ({kind} {name} exists)"] if ctx.dry_run else []
-    objects = load_manifest(manifest)
+    objects = manifest.objects
     # Namespaces first: the rest of the file may live in them.
     first = [o for o in objects if o["kind"] == "Namespace"]
     return ensure(ctx.kube, first, _log) + ensure(
