@@ -121,3 +121,47 @@ def test_a_complete_site_is_still_a_cheap_no_op(kubesim: KubeSim, converged: Pat
 FLUX_OBJECTS = [d for d in yaml.safe_load_all(BUNDLE.read_text()) if d]
 HELM_LABEL = "app.kubernetes.io/managed-by"
 HELM_ANNOTATIONS = {"meta.helm.sh/release-name": "flux2", "meta.helm.sh/release-namespace": "x"}
+
+
+def test_forced_take_over_of_a_helm_managed_flux_sticks(kubesim: KubeSim, tmp_path: Path) -> None:
+    # What `helm install` of a Flux chart leaves on every object (helm/helm
+    # pkg/action/validate.go, setMetadataVisitor): the managed-by label and release annotations.
+    for doc in FLUX_OBJECTS:
+        meta = doc["metadata"]
+        marked = {
+            **meta,
+            "labels": {**meta.get("labels", {}), HELM_LABEL: "Helm"},
+            "annotations": {**meta.get("annotations", {}), **HELM_ANNOTATIONS},
+        }
+        kubesim.put({**doc, "metadata": marked}, "helm")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(basic_config()))
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 3
+
+    dry = run_agent(*fast_run_args(config, kubesim.kubeconfig_path, "--force", "--dry-run"))
+    assert dry.code == 0, dry.output
+    assert "would take over CustomResourceDefinition/gitrepositories" in dry.stdout
+    assert kubesim.get(*_probe_crd())["metadata"]["labels"][HELM_LABEL] == "Helm"
+
+    forced = run_agent(*fast_run_args(config, kubesim.kubeconfig_path, "--force"))
+    assert forced.code == 0, forced.output
+    for doc in FLUX_OBJECTS:
+        meta = doc["metadata"]
+        live = kubesim.get(doc["apiVersion"], doc["kind"], meta["name"], meta.get("namespace", ""))
+        assert HELM_LABEL not in live["metadata"].get("labels", {}), doc["kind"]
+        assert not set(HELM_ANNOTATIONS) & set(live["metadata"].get("annotations", {}))
+        assert live["metadata"]["labels"]["app.kubernetes.io/version"] == "v2.9.4"
+
+    kubesim.clear_log()
+    unforced = run_agent(*fast_run_args(config, kubesim.kubeconfig_path))
+    assert unforced.code == 0, unforced.output
+    assert unforced.events()[-1]["event"] == "nothing to do"
+    assert kubesim.writes() == []
+
+
+def _probe_crd() -> tuple[str, str, str]:
+    return (
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "gitrepositories.source.toolkit.fluxcd.io",
+    )
