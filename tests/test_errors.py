@@ -53,8 +53,7 @@ def test_rejected_credentials_say_so_at_once(
     assert time.monotonic() - started < 15  # not retried until the deadline
     line = error_line(result.stderr)
     assert (
-        "the API server rejected the credentials (token or client certificate) from "
-        f"{path}" in line
+        f"the API server rejected the credentials (token or client certificate) from {path}" in line
     )
     assert "EOF" not in line and "not-the-token" not in result.output
     assert kubesim.writes() == []
@@ -105,9 +104,7 @@ def test_insecure_skip_tls_verify_warns_once(
     assert "insecure-skip-tls-verify" in warnings[0]["event"]
 
 
-def test_a_permanent_server_error_names_the_object_and_verb(
-    kubesim: KubeSim, config: Path
-) -> None:
+def test_a_permanent_server_error_names_the_object_and_verb(kubesim: KubeSim, config: Path) -> None:
     crd = "customresourcedefinitions/kustomizations.kustomize.toolkit.fluxcd.io"
     kubesim.faults.fail_next(1000, 500, verb="apply", path=crd)
     result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path, "--timeout", "60s"))
