@@ -14,6 +14,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -140,6 +141,11 @@ class KubeSim:
         self.controllers = Controllers(self.store, controller_delay)
         self.run_controllers = controllers
         self.requests: list[dict[str, Any]] = []
+        # For tests: called with (verb, path, body) before a real (not dry-run) write is
+        # served; False drops the connection unanswered, as a server that died would. And
+        # with the log entry after the write was answered.
+        self.before_write: Callable[[str, str, bytes], bool] | None = None
+        self.after_write: Callable[[dict[str, Any]], None] | None = None
         self._log_lock = threading.Lock()
         self._log_file = open(request_log, "a") if request_log else None  # noqa: SIM115
         self._tmp = tempfile.TemporaryDirectory(prefix="kubesim-")
@@ -352,9 +358,17 @@ class _Handler(BaseHTTPRequestHandler):
             "dry_run": query.get("dryRun") == "All",
             "user_agent": self.headers.get("User-Agent", ""),
         }
-        status = self._dispatch(url.path, query, verb, raw)
+        write = verb in WRITE_VERBS and not entry["dry_run"]
+        if write and self.sim.before_write and not self.sim.before_write(verb, url.path, raw):
+            self.close_connection = True
+            self.connection.close()
+            status = 0
+        else:
+            status = self._dispatch(url.path, query, verb, raw)
         entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
         self.sim.record(entry)
+        if write and status and self.sim.after_write:
+            self.sim.after_write(entry)
 
     def _verb(self, path: str, query: dict[str, str]) -> str:
         if not path.startswith(("/api/", "/apis/")) or self._is_discovery(path):
@@ -413,13 +427,14 @@ class _Handler(BaseHTTPRequestHandler):
         """True if a credential presented is valid, False if all presented fail, None if
         none was presented. Any one valid credential is enough (the union authenticator)."""
         header = self.headers.get("Authorization")
-        der = self.connection.getpeercert(binary_form=True)
-        if header is None and der is None:
-            return None
         if header == f"Bearer {self.sim.token}":
             return True
+        try:
+            der = self.connection.getpeercert(binary_form=True)
+        except ValueError:  # the client went away mid-request
+            der = None
         if der is None:
-            return False
+            return None if header is None else False
         # The x509 authenticator: signed by the cluster's CA and within its validity
         # (k8s.io/apiserver pkg/authentication/request/x509/x509.go, AuthenticateRequest).
         cert = x509.load_der_x509_certificate(der)
