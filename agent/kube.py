@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -436,13 +437,20 @@ class Kube:
                 _return_http_data_only=True,
                 _request_timeout=timeout,
             )
+            data = response.data
         except ApiException as err:
             failure = self._describe(err, method, path, content_type)
             retry_after = (err.headers or {}).get("Retry-After")
             if retry_after and retry_after.isdigit():
                 failure.retry_after = int(retry_after)
             raise failure from None
-        return json.loads(response.data or b"null")
+        except urllib3.exceptions.HTTPError as err:  # refused, reset, timed out: retried
+            detail = re.sub(r"<[^>]* object at 0x[0-9a-f]+>: ", "", str(err))[:300]
+            what = self._request_name(method, path, content_type)
+            raise ApiError(
+                0, "", f"{what}: no answer from {self.host}: {type(err).__name__}: {detail}"
+            ) from None
+        return json.loads(data or b"null")
 
     def _describe(self, err: ApiException, method: str, path: str, content_type: str) -> ApiError:
         """One line naming the request (verb and object) and what the server said."""

@@ -115,3 +115,16 @@ def test_a_permanent_server_error_names_the_object_and_verb(kubesim: KubeSim, co
         in line
     )
     assert "injected failure" in line
+
+
+def test_a_server_that_stops_answering_is_named(kubesim: KubeSim, config: Path) -> None:
+    crd = "customresourcedefinitions/kustomizations.kustomize.toolkit.fluxcd.io"
+    kubesim.faults.reset_next(1000, verb="apply", path=crd)
+    result = run_agent(*fast_run_args(config, kubesim.kubeconfig_path, "--timeout", "60s"))
+    assert result.code == 1
+    line = error_line(result.stderr)
+    assert "internal error" not in line
+    assert (
+        "apply CustomResourceDefinition kustomizations.kustomize.toolkit.fluxcd.io: no answer "
+        f"from {kubesim.url}" in line
+    )
