@@ -419,7 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._serve(path, query, verb, raw)
         except ApiError as err:
             return self._error(err)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):  # the client is gone
             self.close_connection = True
             return 0
 
