@@ -22,6 +22,7 @@ import yaml
 
 from kubesim import KubeSim
 from tests.conftest import BUNDLE, REPO, Result, agent_env, fast_run_args
+from tests.test_alga_preset import with_upstream
 
 WORKERS = 3  # concurrent cases, each its own simulator and agent process
 CONFIG = {
@@ -126,6 +127,7 @@ def kill_and_rerun(k: int | None, config: Path, agents: ForkServer) -> dict[str,
     with KubeSim(
         kubeconfig_out=agents.work / f"k{k}.kubeconfig", controllers=True, controller_delay=0.05
     ) as sim:
+        with_upstream(sim)  # Flux applies upstream's objects: the run checks its patches took
         killed, rerun = KillAfter(k), KillAfter(None)
         first = killed.run(sim, config, agents)
         second = rerun.run(sim, config, agents)
