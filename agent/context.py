@@ -25,4 +25,5 @@ class RunContext:
     trust_previous: bool = False
     previous_revision: str | None = None  # the revision the trusted run verified
     installed_flux_version: str | None = None
+    taking_over_from: str | None = None  # --force over a Flux another tool manages (its name)
     sync_objects: list[Obj] = field(default_factory=list)  # live GitRepository, Kustomization

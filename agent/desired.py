@@ -47,6 +47,21 @@ def site_objects(config: Config) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def missing_keys(spec: GeneratedSecret, live: Obj | None) -> list[str]:
+    """The keys of a generated secret its live copy lacks (all of them when it is absent)."""
+    return sorted({k.name for k in spec.keys} - set(((live or {}).get("data") or {}).keys()))
+
+
+def site_object_gaps(config: Config, kind: str, namespace: str, name: str, live: Obj) -> list[str]:
+    """Keys a present site object lacks: a generated secret must hold every key the config
+    names (`run` adds the missing ones). Other site objects only have to exist."""
+    if kind == "Secret":
+        for spec in config.site.secrets:
+            if (spec.namespace, spec.name) == (namespace, name):
+                return missing_keys(spec, live)
+    return []
+
+
 def secret(namespace_name: str, name: str, values: dict[str, bytes]) -> Obj:
     return {
         "apiVersion": "v1",

@@ -11,7 +11,9 @@ import base64
 import copy
 import json
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,23 +99,42 @@ def placement_problem(obj: Obj, kinds: dict[tuple[str, str], Kind]) -> str | Non
 class ApiError(BootstrapError):
     """The API server refused a request, after retries where a retry could help."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retryable: bool = True) -> None:
         super().__init__(log.redact(message))
         self.status, self.reason = status, reason
+        self.retryable = retryable and status in RETRYABLE_STATUS
         self.retry_after: int | None = None
 
 
-def _describe(err: ApiException) -> ApiError:
-    try:
-        body = json.loads(err.body or "{}")
-        return ApiError(err.status, body.get("reason", ""), body.get("message", str(err.reason)))
-    except ValueError:
-        return ApiError(err.status, "", str(err.reason))
+# What OpenSSL says when a certificate is the problem (its own, or the peer's alert about
+# ours): retrying cannot help. A bare EOF may be a server restarting, so it is retried.
+_CERTIFICATE_PROBLEMS = (
+    "CERTIFICATE_VERIFY_FAILED",
+    "ALERT_CERTIFICATE",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+    "certificate verify failed",
+)
+
+
+def is_certificate_problem(detail: str) -> bool:
+    return any(problem in detail for problem in _CERTIFICATE_PROBLEMS)
+
+
+def tls_failure(endpoint: str, detail: str) -> str:
+    """One line for a TLS handshake that failed over a certificate."""
+    detail = " ".join(detail.split())[:300]
+    return (
+        f"TLS handshake with {endpoint} failed: certificate problem ({detail}); check the "
+        "kubeconfig's certificate-authority-data (the cluster's CA) and its client "
+        "certificate (expired, or issued by another cluster's CA?)"
+    )
 
 
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, ApiError):
-        return exc.status in RETRYABLE_STATUS
+        return exc.retryable
     return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
@@ -163,6 +184,11 @@ class DeadlineExceeded(BootstrapError):
         )
 
 
+def kubeconfig_source(paths: Sequence[Path]) -> str:
+    """How errors name where the credentials came from."""
+    return str(paths[0]) if len(paths) == 1 else "KUBECONFIG=" + os.pathsep.join(map(str, paths))
+
+
 def load_kubeconfig(paths: Sequence[Path], context: str | None = None) -> k8s.Configuration:
     """Kubeconfig files as kubectl reads them (client-go tools/clientcmd/loader.go,
     ClientConfigLoadingRules.Load): in order, a missing file skipped (all missing is an error),
@@ -170,7 +196,7 @@ def load_kubeconfig(paths: Sequence[Path], context: str | None = None) -> k8s.Co
     current-context comes from the first file that sets it, and relative file references
     resolve against the file they are in (ResolveLocalPaths). The merged result goes through
     configuration_in_memory, so inline key material never touches a disk."""
-    source = str(paths[0]) if len(paths) == 1 else "KUBECONFIG=" + os.pathsep.join(map(str, paths))
+    source = kubeconfig_source(paths)
     merged: Obj = {"clusters": [], "users": [], "contexts": [], "current-context": None}
     missing = []
     for path in dict.fromkeys(paths):  # a path listed twice is read once (loader.go deduplicate)
@@ -315,13 +341,26 @@ def _memory_file(name: str, base64_data: str) -> str:
 class Kube:
     """The agent's only way to talk to the cluster."""
 
-    def __init__(self, configuration: k8s.Configuration, host: str | None = None) -> None:
+    def __init__(
+        self,
+        configuration: k8s.Configuration,
+        host: str | None = None,
+        source: str = "the kubeconfig",
+    ) -> None:
         configuration = copy.copy(configuration)  # the caller's settings stay as they were
         if host:
             configuration.host = host
         configuration.retries = False  # tenacity does all retrying
         configuration.connection_pool_maxsize = 16
+        if not configuration.verify_ssl:
+            # urllib3 would warn on every request; say it once.
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            log.get("kube").warning(
+                f"TLS verification is off (insecure-skip-tls-verify in {source}): the API "
+                "server's identity is not checked"
+            )
         self.host = configuration.host
+        self.source = source
         self.kinds = dict(BUILTIN_KINDS)
         self.dry_run = False
         self.deadline: float | None = None  # time.monotonic() after which no request starts
@@ -425,13 +464,76 @@ class Kube:
                 _return_http_data_only=True,
                 _request_timeout=timeout,
             )
+            data = response.data
         except ApiException as err:
-            failure = _describe(err)
+            failure = self._describe(err, method, path, content_type)
             retry_after = (err.headers or {}).get("Retry-After")
             if retry_after and retry_after.isdigit():
                 failure.retry_after = int(retry_after)
             raise failure from None
-        return json.loads(response.data or b"null")
+        except urllib3.exceptions.HTTPError as err:  # refused, reset, timed out: retried
+            detail = re.sub(r"<[^>]* object at 0x[0-9a-f]+>: ", "", str(err))[:300]
+            what = self._request_name(method, path, content_type)
+            raise ApiError(
+                0, "", f"{what}: no answer from {self.host}: {type(err).__name__}: {detail}"
+            ) from None
+        return json.loads(data or b"null")
+
+    def _describe(self, err: ApiException, method: str, path: str, content_type: str) -> ApiError:
+        """One line naming the request (verb and object) and what the server said."""
+        if err.status == 0:  # no HTTP answer: the TLS connection failed
+            detail = str(err.reason).replace("\n", ": ")
+            if is_certificate_problem(detail):
+                return ApiError(0, "", tls_failure(self.host, detail), retryable=False)
+            return ApiError(0, "", f"TLS connection to {self.host} failed: {detail}")
+        try:
+            body = json.loads(err.body or "{}")
+            reason, message = body.get("reason", ""), body.get("message", str(err.reason))
+        except ValueError:
+            reason, message = "", str(err.reason)
+        what = self._request_name(method, path, content_type)
+        if err.status == 401:
+            message = (
+                "the API server rejected the credentials (token or client certificate) from "
+                f"{self.source}: {what}: HTTP 401 {reason or 'Unauthorized'}; renew them "
+                "(expired certificate or token?) or use the cluster's admin kubeconfig"
+            )
+        elif err.status == 403:
+            message = (
+                f"the credentials from {self.source} may not {what}: HTTP 403 {message}; "
+                "the agent needs cluster-admin"
+            )
+        else:
+            message = f"{what}: HTTP {err.status} {reason}: {message}".replace("  ", " ")
+        return ApiError(err.status, reason, message)
+
+    def _request_name(self, method: str, path: str, content_type: str) -> str:
+        """`apply CustomResourceDefinition gitrepositories.source.toolkit.fluxcd.io`, from a
+        request's method and path (via the kind table)."""
+        parts = path.strip("/").split("/")
+        if parts[0] not in ("api", "apis"):
+            return f"{method} {path}"
+        api_version = "/".join(parts[1:3]) if parts[0] == "apis" else parts[1]
+        rest = parts[3:] if parts[0] == "apis" else parts[2:]
+        namespace = ""
+        if len(rest) >= 3 and rest[0] == "namespaces":
+            namespace, rest = rest[1], rest[2:]
+        kind = next(
+            (
+                k
+                for (v, k), found in self.kinds.items()
+                if v == api_version and found.plural == rest[0]
+            ),
+            rest[0],
+        )
+        verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method, method)
+        if method == "GET":
+            verb = "get" if len(rest) > 1 else "list"
+        elif method == "PATCH":
+            verb = "apply" if "apply-patch" in content_type else "patch"
+        if len(rest) > 1:
+            return f"{verb} {kind} {namespace + '/' if namespace else ''}{rest[1]}"
+        return f"{verb} {kind} in namespace {namespace}" if namespace else f"{verb} {kind}"
 
     def version(self) -> Obj:
         result: Obj = self._call("GET", "/version")

@@ -15,8 +15,14 @@ from agent import log, talos
 from agent.context import RunContext
 from agent.converge import StepResult
 from agent.credentials import from_machined, kubeconfig_paths
-from agent.errors import BootstrapError
-from agent.kube import Kube, configuration_in_memory, load_kubeconfig, tls_settings
+from agent.errors import BootstrapError, ConfigError
+from agent.kube import (
+    Kube,
+    configuration_in_memory,
+    kubeconfig_source,
+    load_kubeconfig,
+    tls_settings,
+)
 from agent.lease import LeaseWaited, RunLease
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
 
@@ -73,10 +79,18 @@ def connect(
             machined.restart_this_service()
             machined.close()
             raise talos.RestartedForConfig(f"restarting {talos.SERVICE_ID}")
-        client_config, cluster_endpoint = configuration_in_memory(raw, "machined's kubeconfig")
+        source = "machined's kubeconfig"
+        client_config, cluster_endpoint = configuration_in_memory(raw, source)
         endpoints = list(config.cluster.endpoints or config_module.TALOS_ENDPOINTS)
     else:
-        client_config = load_kubeconfig(kubeconfig_paths(config, kubeconfig), context)
+        paths = kubeconfig_paths(config, kubeconfig)
+        source = kubeconfig_source(paths)
+        client_config = load_kubeconfig(paths, context)
+        if not config.cluster.endpoints and not client_config.host.startswith("https://"):
+            raise ConfigError(
+                f"{source}: the cluster's server {client_config.host} is not https://; the "
+                "agent talks to the API over TLS only: fix the server, or set cluster.endpoints"
+            )
         endpoints = list(config.cluster.endpoints or [client_config.host])
     verify, cert, headers = tls_settings(client_config)
     when_slow = None
@@ -91,12 +105,19 @@ def connect(
         )
     try:
         endpoint = wait_api.wait_for_api(
-            endpoints, verify, cert, headers, deadline, when_slow, config.talos.bootstrap_after_s
+            endpoints,
+            verify,
+            cert,
+            headers,
+            deadline,
+            when_slow,
+            config.talos.bootstrap_after_s,
+            source=source,
         )
     finally:
         if machined is not None:
             machined.close()
-    return Kube(client_config, endpoint)
+    return Kube(client_config, endpoint, source)
 
 
 def run(options: RunOptions) -> list[StepResult]:

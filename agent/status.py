@@ -251,7 +251,7 @@ def _collect(
     states = [c["state"] for c in controllers] or [FAILED]
     states.append(report["source"]["state"] if report["source"] else FAILED)
     states += [s for node in report["kustomizations"] for s in _states(node)] or [FAILED]
-    states += [READY if item["present"] else FAILED for item in report["site"]]
+    states += [READY if _site_ready(item) else FAILED for item in report["site"]]
     states += [p["state"] for p in report["patches"]]
     states += [r["state"] for r in report["release"]]
     report["state"] = _worst(states)
@@ -348,16 +348,26 @@ def _helm_values(kube: Kube, release: Obj) -> Obj:
 
 
 def _site(kube: Kube, config: config_module.Config) -> list[Obj]:
-    """The first-boot objects: present or missing. Never their contents."""
-    return [
-        {
-            "kind": kind,
-            "namespace": ns,
-            "name": name,
-            "present": kube.get(api, kind, name, ns) is not None,
-        }
-        for api, kind, ns, name in desired.site_objects(config)
-    ]
+    """The first-boot objects: present or missing, and the keys a generated secret lacks.
+    Never their contents."""
+    items = []
+    for api, kind, ns, name in desired.site_objects(config):
+        live = kube.get(api, kind, name, ns)
+        gaps = desired.site_object_gaps(config, kind, ns, name, live) if live else []
+        items.append(
+            {
+                "kind": kind,
+                "namespace": ns,
+                "name": name,
+                "present": live is not None,
+                "missingKeys": gaps,
+            }
+        )
+    return items
+
+
+def _site_ready(item: Obj) -> bool:
+    return bool(item["present"] and not item["missingKeys"])
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -451,9 +461,20 @@ def render_text(report: Obj, colour: bool) -> str:
     lines.append("  Site")
     for item in report["site"]:
         where = f"{item['namespace']}/" if item["namespace"] else ""
+        if not item["present"]:
+            problem = "  missing (alga-bootstrap run creates it)"
+        elif item["missingKeys"]:
+            keys = ", ".join(item["missingKeys"])
+            many = len(item["missingKeys"]) > 1
+            problem = (
+                f"  missing key{'s' if many else ''} {keys} (alga-bootstrap run adds "
+                f"{'them' if many else 'it'}; the other keys are kept)"
+            )
+        else:
+            problem = ""
         lines.append(
-            f"    {mark(READY if item['present'] else missing)} {item['kind']} "
-            f"{where}{item['name']}{'' if item['present'] else '  missing'}"
+            f"    {mark(READY if _site_ready(item) else missing)} {item['kind']} "
+            f"{where}{item['name']}{problem}"
         )
     last = report["lastRun"]
     if last:

@@ -14,6 +14,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,12 +23,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import trustme
 import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from kubesim.controllers import Controllers
 from kubesim.resources import api_group_list, api_resource_list
 from kubesim.store import ApiError, Store
 
 PUBLIC_PATHS = {"/readyz", "/livez", "/healthz", "/version"}
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; Python's ssl has no name for it
 WRITE_VERBS = {"create", "update", "patch", "apply", "delete"}
 
 
@@ -137,6 +141,11 @@ class KubeSim:
         self.controllers = Controllers(self.store, controller_delay)
         self.run_controllers = controllers
         self.requests: list[dict[str, Any]] = []
+        # For tests: called with (verb, path, body) before a real (not dry-run) write is
+        # served; False drops the connection unanswered, as a server that died would. And
+        # with the log entry after the write was answered.
+        self.before_write: Callable[[str, str, bytes], bool] | None = None
+        self.after_write: Callable[[dict[str, Any]], None] | None = None
         self._log_lock = threading.Lock()
         self._log_file = open(request_log, "a") if request_log else None  # noqa: SIM115
         self._tmp = tempfile.TemporaryDirectory(prefix="kubesim-")
@@ -145,12 +154,22 @@ class KubeSim:
         self._accept_now = threading.Event()
         self._serving = threading.Event()
         ca = trustme.CA()
+        self._ca = ca
         self.ca_pem = ca.cert_pem.bytes()
+        self._ca_cert = x509.load_pem_x509_certificate(self.ca_pem)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert("127.0.0.1", "localhost", "::1").configure_cert(self.tls)
         # Clients may also authenticate with a certificate this CA issued (as Talos's admin
-        # kubeconfig does); `client_cert_kubeconfig()` writes one.
+        # kubeconfig does); `client_cert_kubeconfig()` writes one. The real server requests a
+        # client certificate without verifying it in the handshake (k8s.io/apiserver
+        # pkg/server/secure_serving.go, tlsConfig: tls.RequestClientCert); its x509
+        # authenticator verifies it per request, and a bad one gets 401. Python's ssl cannot
+        # request without verifying, so the handshake here accepts this CA's certificates at
+        # any time and those of a second, foreign CA (for tests), and `_authenticated` checks.
+        self._foreign_ca = trustme.CA()
         ca.configure_trust(self.tls)
+        self._foreign_ca.configure_trust(self.tls)
+        self.tls.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
         self.tls.verify_mode = ssl.CERT_OPTIONAL
         self._client_cert = ca.issue_cert("admin", common_name="admin")
         self._server: _Server | None = None
@@ -229,10 +248,21 @@ class KubeSim:
             ],
         }
 
-    def client_cert_kubeconfig(self) -> dict[str, Any]:
-        """The same server, authenticating with a client certificate instead of the token."""
+    def client_cert_kubeconfig(
+        self, expired: bool = False, foreign: bool = False
+    ) -> dict[str, Any]:
+        """The same server, authenticating with a client certificate instead of the token:
+        a valid one, or one that `expired`, or one a `foreign` CA (another cluster) issued."""
         config = self.kubeconfig()
         cert = self._client_cert
+        if expired or foreign:
+            now = dt.datetime.now(dt.UTC)
+            cert = (self._foreign_ca if foreign else self._ca).issue_cert(
+                "admin",
+                common_name="admin",
+                not_before=now - dt.timedelta(days=400) if expired else None,
+                not_after=now - dt.timedelta(days=30) if expired else None,
+            )
         config["users"] = [
             {
                 "name": "admin",
@@ -328,9 +358,17 @@ class _Handler(BaseHTTPRequestHandler):
             "dry_run": query.get("dryRun") == "All",
             "user_agent": self.headers.get("User-Agent", ""),
         }
-        status = self._dispatch(url.path, query, verb, raw)
+        write = verb in WRITE_VERBS and not entry["dry_run"]
+        if write and self.sim.before_write and not self.sim.before_write(verb, url.path, raw):
+            self.close_connection = True
+            self.connection.close()
+            status = 0
+        else:
+            status = self._dispatch(url.path, query, verb, raw)
         entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
         self.sim.record(entry)
+        if write and status and self.sim.after_write:
+            self.sim.after_write(entry)
 
     def _verb(self, path: str, query: dict[str, str]) -> str:
         if not path.startswith(("/api/", "/apis/")) or self._is_discovery(path):
@@ -370,19 +408,42 @@ class _Handler(BaseHTTPRequestHandler):
                     rule.retry_after,
                 )
             )
-        if (
-            path not in PUBLIC_PATHS
-            and self.headers.get("Authorization") != f"Bearer {self.sim.token}"
-            and not self.connection.getpeercert()  # verified against the CA when present
-        ):
+        authenticated = self._authenticated()
+        # Credentials that fail are refused on every path, public ones too; no credentials at
+        # all is anonymous, which may read only the public paths (kubernetes
+        # pkg/kubeapiserver/authenticator/config.go, New: union.NewFailOnError in front of
+        # the anonymous authenticator).
+        if authenticated is False or (authenticated is None and path not in PUBLIC_PATHS):
             return self._error(ApiError(401, "Unauthorized", "Unauthorized"))
         try:
             return self._serve(path, query, verb, raw)
         except ApiError as err:
             return self._error(err)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):  # the client is gone
             self.close_connection = True
             return 0
+
+    def _authenticated(self) -> bool | None:
+        """True if a credential presented is valid, False if all presented fail, None if
+        none was presented. Any one valid credential is enough (the union authenticator)."""
+        header = self.headers.get("Authorization")
+        if header == f"Bearer {self.sim.token}":
+            return True
+        try:
+            der = self.connection.getpeercert(binary_form=True)
+        except ValueError:  # the client went away mid-request
+            der = None
+        if der is None:
+            return None if header is None else False
+        # The x509 authenticator: signed by the cluster's CA and within its validity
+        # (k8s.io/apiserver pkg/authentication/request/x509/x509.go, AuthenticateRequest).
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            cert.verify_directly_issued_by(self.sim._ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        now = dt.datetime.now(dt.UTC)
+        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
     def _serve(self, path: str, query: dict[str, str], verb: str, raw: bytes) -> int:
         if path in ("/livez", "/healthz"):

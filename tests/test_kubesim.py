@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -147,9 +148,29 @@ def test_requests_without_valid_credentials_get_401(kubesim: KubeSim) -> None:
         response = c.get("/api/v1/namespaces")
         assert response.status_code == 401
         assert response.json()["reason"] == "Unauthorized"
-        assert c.get("/readyz").status_code == 200  # public, as on a real server
+        # A bad credential is refused on public paths too, as on a real server.
+        assert c.get("/readyz").status_code == 401
     with client(kubesim) as c:
         assert c.get("/api/v1/namespaces").status_code == 200
+    context = ssl.create_default_context(cadata=kubesim.ca_pem.decode())
+    with httpx.Client(base_url=kubesim.url, verify=context, timeout=10) as anonymous:
+        assert anonymous.get("/readyz").status_code == 200  # public
+        assert anonymous.get("/api/v1/namespaces").status_code == 401
+
+
+@pytest.mark.parametrize("expired,foreign", [(False, False), (True, False), (False, True)])
+def test_client_certificates_are_checked_per_request(
+    kubesim: KubeSim, tmp_path: Any, expired: bool, foreign: bool
+) -> None:
+    user = kubesim.client_cert_kubeconfig(expired, foreign)["users"][0]["user"]
+    (tmp_path / "cert.pem").write_bytes(base64.b64decode(user["client-certificate-data"]))
+    (tmp_path / "key.pem").write_bytes(base64.b64decode(user["client-key-data"]))
+    context = ssl.create_default_context(cadata=kubesim.ca_pem.decode())
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    with httpx.Client(base_url=kubesim.url, verify=context, timeout=10) as c:
+        expected = 401 if expired or foreign else 200
+        assert c.get("/api/v1/namespaces").status_code == expected
+        assert c.get("/readyz").status_code == expected
 
 
 def test_health_version_and_discovery(kubesim_factory: Any) -> None:

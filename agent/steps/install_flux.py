@@ -8,29 +8,36 @@ from agent import log
 from agent.context import RunContext
 from agent.converge import (
     StepResult,
+    describe,
     ensure,
     fetch_live,
     is_true,
     observed_current,
+    parallel,
     wait_until,
 )
 from agent.errors import NeedsDecision
+from agent.steps.preflight import MANAGED_BY_LABEL, OUR_MANAGERS
 
 _log = log.get("install-flux")
 CRD_API = "apiextensions.k8s.io/v1"
+HELM_ANNOTATIONS = ("meta.helm.sh/release-name", "meta.helm.sh/release-namespace")
+Obj = dict[str, Any]
 
 
 def install(ctx: RunContext) -> StepResult:
     kube, bundle = ctx.kube, ctx.bundle
     kube.register_crds(bundle.crds)
-    if ctx.trust_previous and _running(ctx):
+    if ctx.trust_previous and not ctx.taking_over_from and _running(ctx):
         return StepResult("install-flux", note=f"Flux {bundle.version} running")
     first_stage = bundle.first_stage
     live = fetch_live(kube, first_stage)
     _refuse_dropping_stored_versions(ctx, first_stage, live)
     if ctx.installed_flux_version and ctx.installed_flux_version != bundle.version:
         _log.info("upgrading Flux", installed=ctx.installed_flux_version, bundled=bundle.version)
-    changes = ensure(kube, first_stage, _log, live)
+    # First, so that a forced run stopped midway still leaves the next boot free to finish.
+    changes = _take_over(ctx) if ctx.taking_over_from else []
+    changes += ensure(kube, first_stage, _log, live)
     if ctx.dry_run:  # nothing was created: there is nothing to wait for
         return StepResult("install-flux", changes + ensure(kube, bundle.second_stage, _log))
     wait_until(
@@ -50,6 +57,45 @@ def install(ctx: RunContext) -> StepResult:
     )
     _log.info("Flux running", version=bundle.version, changes=len(changes))
     return StepResult("install-flux", changes, f"Flux {bundle.version} running")
+
+
+def foreign_marks(obj: Obj) -> Obj | None:
+    """A merge patch removing what marks `obj` as another tool's, or None. The marks: the
+    label flux2 reads to tell which tool installed Flux (fluxcd/flux2 cmd/flux/cluster_info.go,
+    getFluxClusterInfo; only "" and "flux" mean Flux itself, installManagedByFlux) and Helm's
+    release annotations (helm/helm pkg/action/validate.go, checkOwnership). The bundle carries
+    none of them (its labels: instance, part-of, version), so removing them leaves exactly
+    what the agent applied."""
+    meta = obj["metadata"]
+    manager = (meta.get("labels") or {}).get(MANAGED_BY_LABEL)
+    patch: Obj = {}
+    if manager is not None and manager.lower() not in OUR_MANAGERS:
+        patch["labels"] = {MANAGED_BY_LABEL: None}
+    annotations = {a: None for a in HELM_ANNOTATIONS if a in (meta.get("annotations") or {})}
+    if annotations:
+        patch["annotations"] = annotations
+    return {"metadata": patch} if patch else None
+
+
+def _take_over(ctx: RunContext) -> list[str]:
+    """--force over another tool's Flux: the agent owns what it applies from now on, so the
+    next (unforced) run does not refuse again."""
+    live = [o for o in fetch_live(ctx.kube, list(ctx.bundle.objects)) if o is not None]
+    todo = [(o, patch) for o in live if (patch := foreign_marks(o)) is not None]
+
+    def strip(item: tuple[Obj, Obj]) -> str:
+        obj, patch = item
+        ctx.kube.merge_patch(obj, patch)
+        verb = "would take" if ctx.dry_run else "took"
+        return f"{verb} over {describe(obj)} from {ctx.taking_over_from}"
+
+    changes = parallel(strip, todo)
+    if not ctx.dry_run:
+        _log.info(
+            f"took Flux over from {ctx.taking_over_from!r}: removed its ownership marks",
+            objects=len(changes),
+        )
+    return changes
 
 
 def _refuse_dropping_stored_versions(

@@ -12,6 +12,7 @@ from agent.errors import NeedsDecision
 _log = log.get("preflight")
 PROBE_CRD = "gitrepositories.source.toolkit.fluxcd.io"
 OUR_MANAGERS = {"flux", "alga-bootstrap"}
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -33,13 +34,16 @@ def check(ctx: RunContext) -> StepResult:
     note = f"Kubernetes {server.get('gitVersion')}; Flux not installed"
     if crd is not None:
         labels = crd["metadata"].get("labels", {})
-        manager = labels.get("app.kubernetes.io/managed-by")
-        if manager and manager.lower() not in OUR_MANAGERS and not ctx.force:
-            raise NeedsDecision(
-                f"Flux on this cluster is managed by {manager!r} (label app.kubernetes.io/"
-                f"managed-by on CRD {PROBE_CRD}); alga-bootstrap would take it over. Remove "
-                "that installation, or re-run with --force to take ownership"
-            )
+        manager = labels.get(MANAGED_BY_LABEL)
+        if manager and manager.lower() not in OUR_MANAGERS:
+            if not ctx.force:
+                raise NeedsDecision(
+                    f"Flux on this cluster is managed by {manager!r} (label app.kubernetes.io/"
+                    f"managed-by on CRD {PROBE_CRD}); alga-bootstrap would take it over. Remove "
+                    "that installation, or re-run with --force to take ownership"
+                )
+            _log.warning(f"taking over Flux from {manager!r} (--force)")
+            ctx.taking_over_from = manager
         installed = labels.get("app.kubernetes.io/version")
         ctx.installed_flux_version = installed
         if (

@@ -119,13 +119,13 @@ def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, by
 
 def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
     live = ctx.kube.get("v1", "Secret", spec.name, spec.namespace)
+    missing = desired.missing_keys(spec, live)
     if ctx.dry_run:
-        missing = {k.name for k in spec.keys} - set(((live or {}).get("data") or {}).keys())
         where = f"Secret/{spec.namespace}/{spec.name}"
         if live is None:
-            return [f"would create {where} (keys {', '.join(sorted(missing))})"]
+            return [f"would create {where} (keys {', '.join(missing)})"]
         if missing:
-            return [f"would add keys {', '.join(sorted(missing))} to {where}"]
+            return [f"would add keys {', '.join(missing)} to {where}"]
         return [f"unchanged {where} (never rotated)"]
     if live is None:
         obj = desired.generated_secret(spec, _values(spec))
@@ -134,20 +134,21 @@ def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
             return []
         _log.info(f"created {describe(obj)}", keys=sorted(k.name for k in spec.keys))
         return [f"created {describe(obj)}"]
-    missing = {k.name for k in spec.keys} - set((live.get("data") or {}).keys())
     for value in (live.get("data") or {}).values():
         log.register_secret(base64.b64decode(value))
     if not missing:
         return []
     # Add only what is missing; existing values are never rotated.
-    patch = {"data": {k: base64.b64encode(v).decode() for k, v in _values(spec, missing).items()}}
+    values = _values(spec, set(missing))
+    patch = {"data": {k: base64.b64encode(v).decode() for k, v in values.items()}}
     ctx.kube.merge_patch(live, patch)
-    _log.info(f"added missing keys to Secret/{spec.namespace}/{spec.name}", keys=sorted(missing))
-    return [f"updated Secret/{spec.namespace}/{spec.name}"]
+    _log.info(f"added missing keys to Secret/{spec.namespace}/{spec.name}", keys=missing)
+    return [f"added keys {', '.join(missing)} to Secret/{spec.namespace}/{spec.name}"]
 
 
 def _present(ctx: RunContext) -> bool:
-    """A few list reads (one per kind and namespace) confirming every site object is there."""
+    """A few list reads (one per kind and namespace) confirming every site object is there
+    and every generated secret holds all its keys."""
     wanted: dict[tuple[str, str, str], set[str]] = {}
     for api_version, kind, namespace, name in desired.site_objects(ctx.config):
         wanted.setdefault((api_version, kind, namespace), set()).add(name)
@@ -158,14 +159,23 @@ def _present(ctx: RunContext) -> bool:
 
     def complete(group: tuple[tuple[str, str, str], set[str]]) -> bool:
         (api_version, kind, namespace), names = group
-        live = {o["metadata"]["name"]: o for o in ctx.kube.list(api_version, kind, namespace)}
-        changed = [
-            name
-            for name in names & live.keys()
-            if kind == "ConfigMap"
-            and (namespace, name) in owned
-            and not owned[(namespace, name)].items() <= (live[name].get("data") or {}).items()
-        ]
-        return names <= live.keys() and not changed
+        found = {o["metadata"]["name"]: o for o in ctx.kube.list(api_version, kind, namespace)}
+        for name in names:
+            live = found.get(name)
+            drifted = (
+                live is not None
+                and kind == "ConfigMap"
+                and (namespace, name) in owned
+                and not owned[(namespace, name)].items() <= (live.get("data") or {}).items()
+            )
+            if (
+                live is None
+                or drifted
+                or desired.site_object_gaps(ctx.config, kind, namespace, name, live)
+            ):
+                where = f"{namespace}/{name}" if namespace else name
+                _log.info(f"{kind} {where} is missing or incomplete; checking every site object")
+                return False
+        return True
 
     return all(parallel(complete, wanted.items()))

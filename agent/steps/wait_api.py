@@ -10,6 +10,7 @@ import tenacity
 
 from agent import log
 from agent.errors import BootstrapError
+from agent.kube import is_certificate_problem, tls_failure
 
 _log = log.get("wait-api")
 
@@ -39,6 +40,7 @@ def wait_for_api(
     deadline: float,
     when_slow: Callable[[], None] | None = None,
     slow_after_s: float = 0.0,
+    source: str = "the kubeconfig",
 ) -> str:
     """Probe each endpoint's /readyz in order until one says ok; return that endpoint.
     Refused connections, TLS errors while the server starts, 5xx and 429 are expected.
@@ -55,14 +57,21 @@ def wait_for_api(
                 try:
                     response = client.get(f"{endpoint}/readyz", timeout=min(3.0, left))
                 except httpx.HTTPError as err:
+                    if is_certificate_problem(str(err)):  # retrying cannot fix a certificate
+                        raise BootstrapError(tls_failure(endpoint, str(err))) from None
                     failures.append(f"{endpoint}: {type(err).__name__}: {err}"[:200])
                     continue
                 if response.status_code == 200:
                     return endpoint
+                # /readyz is public, but a server rejects bad credentials on every path
+                # (kubernetes pkg/kubeapiserver/authenticator/config.go, New:
+                # union.NewFailOnError before the anonymous authenticator).
                 if response.status_code in (401, 403):
                     raise BootstrapError(
-                        f"{endpoint} rejected the credentials (HTTP {response.status_code}); "
-                        "check the kubeconfig"
+                        "the API server rejected the credentials (token or client "
+                        f"certificate) from {source}: {endpoint}/readyz answered HTTP "
+                        f"{response.status_code}; renew them (expired certificate or token?) "
+                        "or use the cluster's admin kubeconfig"
                     )
                 header = response.headers.get("Retry-After", "")
                 if header.isdigit():
