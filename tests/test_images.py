@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import BUNDLE, BUNDLE_SHA, REPO
+from kubesim import upstream
+from tests.conftest import BUNDLE, BUNDLE_SHA, REPO, SHARED
 from tests.fake_machined import FakeMachined
 
 BUILD = [str(REPO / "images" / "build"), "--flux-bundle", str(BUNDLE), "--flux-sha256", BUNDLE_SHA]
@@ -187,6 +188,8 @@ def test_the_talos_boot_path_runs_in_the_image(
     bootstrapped unattended, then the whole run against kubesim."""
     spec = service()["container"]
     sim = kubesim_factory(controllers=True, controller_delay=0.05, refuse_seconds=math.inf)
+    # The stand-in Flux applies upstream's appliance, so verify can see the site's patches.
+    sim.controllers.sources.update(upstream.reference_sources(SHARED / "alga"))
     kubeconfig = sim.client_cert_kubeconfig()
     kubeconfig["clusters"][0]["cluster"]["server"] = "https://127.0.0.2:9"  # this node, API down
     node = FakeMachined(
