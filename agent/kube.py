@@ -22,11 +22,11 @@ from typing import Any
 import tenacity
 import urllib3
 import yaml
-from kubernetes import client as k8s
-from kubernetes.client.rest import ApiException
 
 from agent import interrupt, log
+from agent import kube_client as k8s
 from agent.errors import BootstrapError, ConfigError
+from agent.kube_client import ApiException
 
 Obj = dict[str, Any]
 Query = list[tuple[str, str]]
