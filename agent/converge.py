@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from agent import interrupt
 from agent.drift import differences
 from agent.errors import BootstrapError
 from agent.kube import ApiError, Kube
@@ -143,6 +144,7 @@ def wait_until(
         wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.3, max=interval),
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
+        sleep=interrupt.sleep,
         retry_error_callback=lambda _: None,
     )
     result = retrying(check)

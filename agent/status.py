@@ -15,7 +15,7 @@ import yaml
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
-from agent import desired, patch_effects
+from agent import desired, interrupt, patch_effects
 from agent.converge import condition, observed_current, seconds_since
 from agent.errors import (
     EXIT_FAILED,
@@ -552,11 +552,12 @@ def _watch(look: Callable[[], Obj], output: str) -> int:
         last["key"], last["report"] = key, report
         return report["state"] in (READY, FAILED) and report["api"]["reachable"]
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C stops watching
+    with contextlib.suppress(interrupt.Interrupted):  # Ctrl-C stops watching
         tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda finished: not finished),
             wait=lambda _: min(0.5 * 2 ** last["unchanged"], WATCH_POLL_MAX_S),
             stop=tenacity.stop_never,
+            sleep=interrupt.sleep,
         )(done)
     report = last["report"]
     if report is None:

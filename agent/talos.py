@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from agent import log
+from agent import interrupt, log
 from agent.errors import BootstrapError, ConfigError
 
 _log = log.get("talos")
@@ -195,6 +195,7 @@ class Machined:
             wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=10),
             stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
             before_sleep=waiting,
+            sleep=interrupt.sleep,
             reraise=True,
         )
 
@@ -211,6 +212,7 @@ class Machined:
         )
 
         def fetch() -> bytes:
+            interrupt.check()
             return b"".join(call(None, metadata=ROLE_METADATA, timeout=self._timeout(deadline)))
 
         def later(err: BaseException) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import tenacity
 
-from agent import log
+from agent import interrupt, log
 from agent.errors import BootstrapError
 from agent.kube import is_certificate_problem, tls_failure
 
@@ -53,6 +53,7 @@ def wait_for_api(
             failures = []
             retry_after = None
             for endpoint in endpoints:
+                interrupt.check()
                 left = max(deadline - time.monotonic(), 0.1)  # a probe ends by the deadline
                 try:
                     response = client.get(f"{endpoint}/readyz", timeout=min(3.0, left))
@@ -99,6 +100,7 @@ def wait_for_api(
             wait=_BackoffOrRetryAfter(),
             stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
             before_sleep=progress,
+            sleep=interrupt.sleep,
             reraise=True,
         )
         try:
