@@ -27,6 +27,7 @@ from kubesim.store import ApiError
 from tests.conftest import (
     BUNDLE,
     SHARED,
+    Result,
     agent_env,
     fast_run_args,
     run_agent,
@@ -54,6 +55,19 @@ def site_config(mode: str = "profile", **alga_fields: Any) -> dict[str, Any]:
     if mode == "base":
         section.setdefault("valuesDir", str(ALGA_DIR / "values"))
     return {"preset": "alga-talos-single-node", "flux": {"manifests": str(BUNDLE)}, "alga": section}
+
+
+def site_status(sim: KubeSim, write_config: Any) -> Result:
+    """`status -o json` with the site config, against `sim`."""
+    return run_agent(
+        "status",
+        "--config",
+        str(write_config(site_config())),
+        "--kubeconfig",
+        str(sim.kubeconfig_path),
+        "-o",
+        "json",
+    )
 
 
 def secret_values(sim: KubeSim) -> dict[str, str]:
@@ -259,15 +273,7 @@ def test_profile_mode_satisfies_every_reference(kubesim: KubeSim, write_config: 
         == (original["data"]["alga-core.talos-single-node.yaml"])
     )
     # status agrees: every patch in effect, the release selection equal to what runs.
-    status = run_agent(
-        "status",
-        "--config",
-        str(write_config(site_config())),
-        "--kubeconfig",
-        str(kubesim.kubeconfig_path),
-        "-o",
-        "json",
-    )
+    status = site_status(kubesim, write_config)
     report = json.loads(status.stdout)
     assert report["patches"] and {p["state"] for p in report["patches"]} == {"ready"}
     assert {r["state"] for r in report["release"]} == {"ready"}
@@ -529,15 +535,7 @@ def test_a_renamed_values_config_map_fails_the_run(kubesim: KubeSim, write_confi
     assert "ConfigMap alga-system/appliance-values-email-service missing at commit" in (
         result.stderr
     )
-    status = run_agent(
-        "status",
-        "--config",
-        str(write_config(site_config())),
-        "--kubeconfig",
-        str(kubesim.kubeconfig_path),
-        "-o",
-        "json",
-    )
+    status = site_status(kubesim, write_config)
     assert status.code == 1
     failed = [p for p in json.loads(status.stdout)["patches"] if p["state"] == "failed"]
     assert [p["name"] for p in failed] == ["appliance-values-email-service"]
