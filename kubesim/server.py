@@ -207,7 +207,10 @@ class KubeSim:
 
     def accept_connections(self) -> None:
         """Start listening now (refuse_seconds=math.inf waits for this): a fresh Talos
-        control plane's kube-apiserver comes up only once etcd is bootstrapped."""
+        control plane's kube-apiserver (a static pod whose storage is etcd) comes up only
+        once etcd runs, and on a fresh node etcd waits for the Bootstrap call (siderolabs/talos
+        internal/app/machined/pkg/system/services/etcd.go, BootstrapEtcd; docs.siderolabs.com
+        "Getting Started": `talosctl bootstrap`)."""
         self._accept_now.set()
 
     def stop(self) -> None:
