@@ -43,5 +43,4 @@ def first_boot_images(config: Config) -> list[str]:
         from agent.presets import alga
 
         found += alga.image_refs(config.alga.tags)
-        found += alga.PLATFORM_IMAGES
     return list(dict.fromkeys(found))  # first-seen order, no repeats

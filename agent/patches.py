@@ -62,14 +62,24 @@ def guarded_path(patch: Obj) -> str | None:
     return found[0] if found else None
 
 
-def has_foreign_entries(live: Obj, path: str) -> bool:
-    """Does the list at `path` in the live object hold entries the agent did not write?"""
+def has_foreign_entries(live: Obj, patch: Obj) -> bool:
+    """Does the list a guarded `patch` adds to already hold, in the live object, entries the
+    agent did not write? The agent's: a patch starting with MARK, or an `images` entry for
+    an image the patch pins (a Kustomization's images have no field a mark could go in)."""
+    found = _guarded(patch["patch"])
+    assert found is not None
+    path, entries = found
+    pinned = {e["name"] for e in entries if isinstance(e, dict) and "newTag" in e}
     node: Any = live
     for key in path.split("/")[1:]:
         node = node.get(key) if isinstance(node, dict) else None
-    return isinstance(node, list) and any(
-        not (isinstance(e, dict) and str(e.get("patch", "")).startswith(MARK)) for e in node
-    )
+
+    def agents(entry: Any) -> bool:
+        return isinstance(entry, dict) and (
+            str(entry.get("patch", "")).startswith(MARK) or entry.get("name") in pinned
+        )
+
+    return isinstance(node, list) and not all(agents(e) for e in node)
 
 
 def as_append(patch: Obj) -> Obj:

@@ -251,7 +251,7 @@ class Controllers:
         objects = self.sources.get(spec.get("path", ""))
         if objects is None:
             return
-        built = kustomize.build(objects, spec.get("patches", []))
+        built = kustomize.build(objects, spec.get("patches", []), spec.get("images", []))
         built.sort(key=lambda o: o["kind"] != "Namespace")
         for obj in built:
             labels = obj.setdefault("metadata", {}).setdefault("labels", {})

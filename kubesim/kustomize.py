@@ -1,6 +1,7 @@
 """The part of a kustomize build Flux's kustomize-controller does with a Kustomization's
-`spec.patches`, for the stand-in controller: select targets, apply strategic-merge and JSON
-(RFC 6902) patches. Only what the appliance's patches use.
+`spec.patches` and `spec.images`, for the stand-in controller: select targets, apply
+strategic-merge and JSON (RFC 6902) patches, set image tags. Only what the appliance's
+patches use.
 
 Followed: kubernetes-sigs/kustomize `api/internal/builtins/PatchTransformer.go`
 (`Transform`: a patch with a target applies to every resource the selector matches, and to
@@ -9,8 +10,12 @@ kind, name and namespace, names as anchored regular expressions),
 `api/filters/patchjson6902/patchjson6902.go` (the JSON patch is applied by
 evanphx/json-patch: `add` into a missing parent fails with "doc is missing path", `test`
 with a null value passes on a missing key and otherwise fails with "testing value <path>
-failed"), and kyaml's merge2 for strategic merge on custom resources (maps merge key by
-key, lists are replaced, null removes). The wording was checked against
+failed"), kyaml's merge2 for strategic merge on custom resources (maps merge key by
+key, lists are replaced, null removes), and the images transformer
+(`api/filters/imagetag`: the `image` of every container and init container whose image
+name, without tag or digest, equals `name` exactly gets `newTag`, and `@digest` after it;
+`node` does not match `docker.io/library/node`, and image strings elsewhere, such as in a
+command, are left alone). The wording and the image matching were checked against
 `kubectl kustomize` (kustomize v5.5.0).
 """
 
@@ -44,8 +49,9 @@ def selects(target: dict[str, str], obj: Obj) -> bool:
     )
 
 
-def build(objects: list[Obj], patches: list[Obj]) -> list[Obj]:
-    """`objects` with `patches` applied in order; BuildError as kustomize would fail."""
+def build(objects: list[Obj], patches: list[Obj], images: list[Obj] | None = None) -> list[Obj]:
+    """`objects` with `patches` applied in order, then `images`; BuildError as kustomize
+    would fail."""
     out = copy.deepcopy(objects)
     for patch in patches:
         body = yaml.safe_load(patch["patch"])
@@ -57,7 +63,31 @@ def build(objects: list[Obj], patches: list[Obj]) -> list[Obj]:
                 out[i] = _json_patch(obj, body)
             else:
                 out[i] = _merge(obj, {k: v for k, v in body.items() if k != "metadata"})
+    for obj in out:
+        for pod in _pod_specs(obj):
+            for container in [*pod.get("containers", []), *pod.get("initContainers", [])]:
+                container["image"] = _set_image(container.get("image", ""), images or [])
     return out
+
+
+def _pod_specs(obj: Obj) -> list[Obj]:
+    """The pod specs of the workload kinds the appliance's manifests hold."""
+    spec = obj.get("spec") or {}
+    if obj["kind"] == "Pod":
+        return [spec]
+    if obj["kind"] == "CronJob":
+        spec = ((spec.get("jobTemplate") or {}).get("spec")) or {}
+    template = (spec.get("template") or {}).get("spec")
+    return [template] if isinstance(template, dict) else []
+
+
+def _set_image(image: str, images: list[Obj]) -> str:
+    name = re.split(r"@|:(?=[^/]*$)", image, maxsplit=1)[0]
+    for pin in images:
+        if pin["name"] == name:
+            digest = f"@{pin['digest']}" if pin.get("digest") else ""
+            return f"{pin.get('newName', name)}:{pin['newTag']}{digest}"
+    return image
 
 
 def _merge(base: Any, patch: Any) -> Any:

@@ -316,6 +316,15 @@ def test_every_image_the_charts_can_start_is_pinned(kubesim: KubeSim, write_conf
                 assert lookup(values, entry["repository"]), (chart, entry)
             checked.append(entry["file"])
     assert len(checked) == 13  # the rest are off under upstream's appliance values
+    # Upstream's plain manifests (no chart): one workload, the status page, pinned by the
+    # child Kustomization that applies it. A workload upstream adds there fails here.
+    workloads = [o for o in CHILDREN if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+    assert [(o["kind"], o["metadata"]["name"]) for o in workloads] == [
+        ("Deployment", "appliance-status")
+    ]
+    status_page = kubesim.get("apps/v1", "Deployment", "appliance-status", "appliance-system")
+    containers = status_page["spec"]["template"]["spec"]["containers"]
+    assert [c["image"] for c in containers] == ["node:20.19-alpine"]
     # The image list names exactly what these values start.
     listed = run_agent("images", "--config", str(write_config(site_config()))).stdout.split()
     for chart, entries in FIXTURE["images"].items():
@@ -329,8 +338,12 @@ def test_every_image_the_charts_can_start_is_pinned(kubesim: KubeSim, write_conf
 def test_base_mode_creates_the_values_config_maps(kubesim: KubeSim, write_config: Any) -> None:
     root = run_mode(kubesim, write_config, "base")
     assert root["spec"]["path"] == "./ee/appliance/flux/base"
-    # Only the image the chart hard-codes is pinned by a patch; the values are in ConfigMaps.
-    assert [p["target"]["name"] for p in root["spec"]["patches"]] == ["alga-core"]
+    # Only the images upstream hard-codes are pinned by patches (the status page's on the
+    # child that applies it, the chart's busybox on alga-core); the values are in ConfigMaps.
+    assert [p["target"]["name"] for p in root["spec"]["patches"]] == [
+        "alga-platform",
+        "alga-core",
+    ]
     core_release = live_releases(kubesim)["alga-core"]
     assert core_release["spec"]["postRenderers"] == [
         {"kustomize": {"images": [{"name": "busybox", "newTag": "1.37.0"}]}}
@@ -589,6 +602,32 @@ def test_upstream_patches_already_on_a_child_are_appended_to(
     assert writes_beyond_bookkeeping(kubesim) == []
 
 
+def test_upstream_images_already_on_the_platform_child_are_appended_to(
+    kubesim: KubeSim, write_config: Any
+) -> None:
+    """The same for the status page's pin: upstream's own `images` on alga-platform stay,
+    the agent's entry goes after them, and a re-run sees its entry as its own."""
+    upstream_pin = {"name": "busybox", "newTag": "1.36.1"}
+    profile = edited("alga-platform", lambda o: o["spec"].update(images=[upstream_pin]))
+    child = next(o for o in profile if o["metadata"]["name"] == "alga-platform")
+    crd = next(
+        d
+        for d in yaml.safe_load_all(BUNDLE.read_text())
+        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
+    )
+    kubesim.put(crd, "flux")
+    kubesim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
+    wait_for(lambda: kubesim.put(child, "kustomize-controller") if _served(kubesim) else None)
+    result = run_against(kubesim, write_config, profile)
+    assert result.code == 0, result.output
+    live = kubesim.get(KS_API, "Kustomization", "alga-platform", "flux-system")
+    assert live["spec"]["images"] == [upstream_pin, {"name": "node", "newTag": "20.19-alpine"}]
+    kubesim.clear_log()
+    config = write_config(site_config())
+    assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
+    assert writes_beyond_bookkeeping(kubesim) == []
+
+
 def _served(sim: KubeSim) -> bool:
     try:
         sim.store.type_for_kind(KS_API, "Kustomization")
@@ -766,18 +805,22 @@ def test_images_lists_what_an_offline_first_boot_pulls(write_config: Any) -> Non
         "edoburu/pgbouncer:v1.25.1-p0",
         "temporalio/auto-setup:1.27.2",
         "temporalio/ui:2.30.0",
-        "node:20-alpine",
+        "node:20.19-alpine",  # the status page, pinned
+        "node:20-alpine",  # the update Jobs, named in upstream's script
     ):
         assert ref in lines
     assert not any(line.endswith(":latest") or ":" not in line for line in lines)
 
 
-def kubectl_kustomize(where: Path, objects: list[Obj], patches: list[Obj]) -> list[Obj] | str:
-    """Real kustomize (kubectl's) on `objects` with `patches`: the objects, or its error."""
+def kubectl_kustomize(
+    where: Path, objects: list[Obj], patches: list[Obj], images: list[Obj] | None = None
+) -> list[Obj] | str:
+    """Real kustomize (kubectl's) on `objects` with `patches` and `images`: the objects, or
+    its error."""
     where.mkdir()
     (where / "objects.yaml").write_text(yaml.safe_dump_all(objects))
     (where / "kustomization.yaml").write_text(
-        yaml.safe_dump({"resources": ["objects.yaml"], "patches": patches})
+        yaml.safe_dump({"resources": ["objects.yaml"], "patches": patches, "images": images or []})
     )
     out = subprocess.run(["kubectl", "kustomize", str(where)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -800,8 +843,16 @@ def test_the_simulated_flux_builds_as_kustomize_does(tmp_path: Path, write_confi
     paths = upstream.sources(PROFILE, CHILDREN)
     for child in (o for o in built if o["kind"] == "Kustomization"):
         objects, patches = paths[child["spec"]["path"]], child["spec"].get("patches", [])
-        real = kubectl_kustomize(tmp_path / child["metadata"]["name"], objects, patches)
-        assert by_name(kubesim_kustomize.build(objects, patches)) == by_name(real)
+        images = child["spec"].get("images", [])
+        real = kubectl_kustomize(tmp_path / child["metadata"]["name"], objects, patches, images)
+        assert by_name(kubesim_kustomize.build(objects, patches, images)) == by_name(real)
+    # The status page's pin, and the same pin as a digest, as real kustomize sets them.
+    platform = paths["./ee/appliance/flux/base/platform"]
+    digest = {"name": "node", "newTag": "20.19-alpine", "digest": "sha256:" + "ab" * 32}
+    real = kubectl_kustomize(tmp_path / "digest", platform, [], [digest])
+    assert by_name(kubesim_kustomize.build(platform, [], [digest])) == by_name(real)
+    status_page = by_name(real)[("Deployment", "appliance-status")]["spec"]["template"]["spec"]
+    assert status_page["containers"][0]["image"] == "node:20.19-alpine@sha256:" + "ab" * 32
     profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
     real = kubectl_kustomize(tmp_path / "guarded", profile, root)
     assert isinstance(real, str) and "testing value /spec/patches failed" in real

@@ -47,7 +47,7 @@ class PinnedImage:
     """One image the appliance runs, pinned by `alga.images.<key>`."""
 
     key: str
-    component: str  # the HelmRelease that starts it
+    component: str  # the HelmRelease that starts it (STATUS_IMAGE: the child Kustomization)
     repository: str
     values: tuple[str, str] | None  # values keys of its repository and tag; None: hard-coded
 
@@ -142,12 +142,17 @@ IMAGES = (
         ("image.repository", "image.tag"),
     ),
 )
-IMAGE_KEYS = tuple(dict.fromkeys(i.key for i in IMAGES))
-# Images upstream's plain manifests start (no chart, so no value to pin them by): the
-# appliance-status Deployment and the update Jobs it creates
-# (ee/appliance/flux/base/platform/appliance-status.yaml: container `status`, and the
-# updater Job its server script creates).
-PLATFORM_IMAGES = ["node:20-alpine"]
+# The appliance-status Deployment is a plain manifest, applied by the child Kustomization
+# alga-platform (ee/appliance/flux/base/platform/appliance-status.yaml, container `status`,
+# `image: node:20-alpine`): pinned by that child's `spec.images`, kustomize's images
+# transformer, which sets the tag of every container whose image name is exactly `node`.
+STATUS_IMAGE = PinnedImage("applianceStatus", "alga-platform", "node", None)
+IMAGE_KEYS = (*dict.fromkeys(i.key for i in IMAGES), STATUS_IMAGE.key)
+# The one image nothing outside upstream's code can pin: the update Jobs the status server
+# creates when a tech asks it to check for or apply an update name `node:20-alpine` inside
+# its script (appliance-status.yaml, createUpdateJob). Listed for the image cache so an
+# offline site can still update.
+UPDATER_IMAGE = "node:20-alpine"
 # The release selection's tag keys (upstream's updater reads and writes these four).
 SELECTION_KEYS = {
     "algaCore": "algaCoreTag",
@@ -387,11 +392,9 @@ def post_renderer_images(tags: dict[str, str]) -> dict[str, list[dict[str, str]]
     out: dict[str, list[dict[str, str]]] = {}
     for image in IMAGES:
         if image.values is None:
-            tag, _, digest = tags[image.key].partition("@")
-            pin = {"name": image.repository, "newTag": tag}
-            if digest:
-                pin["digest"] = digest
-            out.setdefault(image.component, []).append(pin)
+            out.setdefault(image.component, []).append(
+                _image_pin(image.repository, tags[image.key])
+            )
     return out
 
 
@@ -411,7 +414,14 @@ def configured_tags(values: dict[str, dict[str, Any]]) -> dict[str, str | None]:
 
 def image_refs(tags: dict[str, str]) -> list[str]:
     """Every image the appliance runs, as the nodes pull it."""
-    return list(dict.fromkeys(f"{i.repository}:{tags[i.key]}" for i in IMAGES))
+    pinned = (*IMAGES, STATUS_IMAGE)
+    return list(dict.fromkeys([*(f"{i.repository}:{tags[i.key]}" for i in pinned), UPDATER_IMAGE]))
+
+
+def _image_pin(name: str, pinned: str) -> dict[str, str]:
+    """A kustomize `images` entry: `tag` or `tag@sha256:...` as newTag and digest."""
+    tag, _, digest = pinned.partition("@")
+    return {"name": name, "newTag": tag, **({"digest": digest} if digest else {})}
 
 
 def values_key(component: str) -> str:
@@ -477,7 +487,8 @@ def root_patches(
     """The root Kustomization's patches. Profile mode: Flux owns the values ConfigMaps from
     Git, so each gains a `<component>.site.yaml` key, and each HelmRelease reads that key
     after upstream's (a patch the child Kustomization carries). Both modes: images the
-    charts hard-code are pinned by a post-renderer on their HelmRelease. Upstream's own
+    charts hard-code are pinned by a post-renderer on their HelmRelease, and the status
+    Deployment's by `images` on the child Kustomization that applies it. Upstream's own
     keys, patches and post-renderers are never rewritten."""
     patches: list[dict[str, Any]] = []
     release_ops: dict[str, list[dict[str, Any]]] = {}
@@ -525,6 +536,23 @@ def root_patches(
                 "patch": MARK + go_safe_yaml(ops).rstrip(),  # see the site values
             }
         )
+    # The status Deployment's image, by the child Kustomization that applies it.
+    patches.append(
+        {
+            "target": {
+                "group": "kustomize.toolkit.fluxcd.io",
+                "kind": "Kustomization",
+                "name": STATUS_IMAGE.component,
+                "namespace": "flux-system",
+            },
+            "patch": go_safe_yaml(
+                guarded_add(
+                    "/spec/images",
+                    [_image_pin(STATUS_IMAGE.repository, tags[STATUS_IMAGE.key])],
+                )
+            ),
+        }
+    )
     for child, inner in child_patches.items():
         patches.append(
             {

@@ -80,7 +80,7 @@ def _shared_lists(ctx: RunContext) -> frozenset[int]:
             continue
         api_version, kind, namespace, name = group
         live = ctx.kube.get(api_version, kind, name, namespace)
-        if live is not None and has_foreign_entries(live, path):
+        if live is not None and has_foreign_entries(live, patch):
             _log.info(f"{kind} {namespace}/{name} carries its own {path}; appending to them")
             out.add(i)
     return frozenset(out)
