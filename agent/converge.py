@@ -157,26 +157,7 @@ def wait_until(
     return result
 
 
-def condition(obj: Obj | None, kind: str) -> Obj | None:
-    for cond in (obj or {}).get("status", {}).get("conditions", []):
-        if cond.get("type") == kind:
-            found: Obj = cond
-            return found
-    return None
-
-
-def is_true(obj: Obj | None, kind: str) -> bool:
-    cond = condition(obj, kind)
-    return cond is not None and cond.get("status") == "True"
-
-
 def seconds_since(timestamp: str) -> float:
     """Seconds from a Kubernetes timestamp (RFC 3339, UTC) to now; never negative."""
     then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     return max((dt.datetime.now(dt.UTC) - then).total_seconds(), 0.0)
-
-
-def observed_current(obj: Obj) -> bool:
-    return bool(
-        obj.get("status", {}).get("observedGeneration", -1) >= obj["metadata"].get("generation", 0)
-    )

@@ -61,6 +61,13 @@ BUILTIN_KINDS: dict[tuple[str, str], Kind] = {
         "customresourcedefinitions", False
     ),
 }
+# The Flux kinds read by name (status, verify), known before the bundle's CRDs are read, or
+# when the bundle is unreadable; register_crds adds every kind the bundle defines.
+FLUX_KINDS: dict[tuple[str, str], Kind] = {
+    ("source.toolkit.fluxcd.io/v1", "GitRepository"): Kind("gitrepositories", True),
+    ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"): Kind("kustomizations", True),
+    ("helm.toolkit.fluxcd.io/v2", "HelmRelease"): Kind("helmreleases", True),
+}
 
 
 def custom_kinds(crds: list[Obj]) -> dict[tuple[str, str], Kind]:
@@ -138,11 +145,12 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
-class _RetryAfterOrBackoff(tenacity.wait.wait_base):
-    """Honour the server's Retry-After when it sends one; otherwise back off with jitter."""
+class RetryAfterOrBackoff(tenacity.wait.wait_base):
+    """Honour the server's Retry-After (an exception's `retry_after`, in seconds, up to 30)
+    when it sends one; otherwise back off with jitter."""
 
-    def __init__(self) -> None:
-        self.backoff = tenacity.wait_exponential_jitter(multiplier=0.2, max=5)
+    def __init__(self, multiplier: float = 0.2, max_s: float = 5) -> None:
+        self.backoff = tenacity.wait_exponential_jitter(multiplier=multiplier, max=max_s)
 
     def __call__(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -432,7 +440,7 @@ class Kube:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
-            wait=_RetryAfterOrBackoff(),
+            wait=RetryAfterOrBackoff(),
             stop=tenacity.stop_any(
                 tenacity.stop_after_attempt(8), tenacity.stop_after_delay(90), past_deadline
             ),

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from agent.converge import condition, observed_current, parallel
+from agent.converge import parallel
 from agent.drift import differences
+from agent.health import condition, observed_current
 from agent.kube import Kube
 
 Obj = dict[str, Any]

@@ -15,8 +15,8 @@ import yaml
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
-from agent import desired, interrupt, patch_effects
-from agent.converge import condition, observed_current, seconds_since
+from agent import desired, health, interrupt, patch_effects
+from agent.converge import seconds_since
 from agent.errors import (
     EXIT_FAILED,
     EXIT_NOT_BOOTSTRAPPED,
@@ -25,51 +25,32 @@ from agent.errors import (
     BootstrapError,
     ConfigError,
 )
-from agent.kube import Kind, Kube
+from agent.kube import FLUX_KINDS, Kube
 from agent.lease import active_holder
 from agent.run import connect
 from agent.steps import record
-from agent.steps.install_flux import deployment_available
-from agent.steps.verify import source_failure, source_progress
+from agent.steps.verify import source_progress
 
 Obj = dict[str, Any]
-READY, PROGRESSING, FAILED = "ready", "progressing", "failed"
+READY, PROGRESSING, FAILED = health.READY, health.PROGRESSING, health.FAILED
+SUSPENDED = health.SUSPENDED  # a Flux object a tech paused: never progresses by itself
 NOT_BOOTSTRAPPED = "not-bootstrapped"  # no run has finished yet, and none is running
 WATCH_POLL_MAX_S = 5.0
-# Ready=False reasons Flux uses while it is still working towards Ready.
-PROGRESSING_REASONS = {
-    "Progressing",
-    "ProgressingWithRetry",
-    "DependencyNotReady",
-    "ArtifactFailed",
-}
-# The Flux kinds status reads, should the bundle be unreadable.
-FLUX_KINDS = {
-    ("source.toolkit.fluxcd.io/v1", "GitRepository"): Kind("gitrepositories", True),
-    ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"): Kind("kustomizations", True),
-    ("helm.toolkit.fluxcd.io/v2", "HelmRelease"): Kind("helmreleases", True),
-}
 KS_API, HR_API = "kustomize.toolkit.fluxcd.io/v1", "helm.toolkit.fluxcd.io/v2"
 OWNER_NAME, OWNER_NS = "kustomize.toolkit.fluxcd.io/name", "kustomize.toolkit.fluxcd.io/namespace"
 
 
-def state_of(obj: Obj | None) -> str:
-    """Flux's readiness of one object, as kstatus reads it."""
-    if obj is None:
-        return FAILED
-    if (condition(obj, "Stalled") or {}).get("status") == "True":
-        return FAILED
-    ready = condition(obj, "Ready")
-    if (
-        not observed_current(obj)
-        or ready is None
-        or ready.get("status") == "Unknown"
-        or (condition(obj, "Reconciling") or {}).get("status") == "True"
-    ):
-        return PROGRESSING
-    if ready.get("status") == "True":
-        return READY
-    return PROGRESSING if ready.get("reason") in PROGRESSING_REASONS else FAILED
+# How status shows each state of the readiness model (agent/health.py).
+_SHOWN = {health.STALLED: FAILED, health.MISSING: FAILED}
+
+
+def shown(found: health.Health) -> str:
+    return _SHOWN.get(found.state, found.state)
+
+
+def state_of(obj: Obj | None, source_revision: str | None = None) -> str:
+    """One Flux object's state, as agent/health.py reads it (the same model verify waits on)."""
+    return shown(health.flux(obj, source_revision))
 
 
 def _age(timestamp: str | None) -> str:
@@ -86,17 +67,18 @@ def _duration(total: float) -> str:
     return f"{seconds}s"
 
 
-def _flux_object(obj: Obj) -> Obj:
-    ready = condition(obj, "Ready") or {}
+def _flux_object(obj: Obj, source_revision: str | None = None) -> Obj:
+    ready = health.condition(obj, "Ready") or {}
     status = obj.get("status", {})
+    found = health.flux(obj, source_revision)
     return {
         "kind": obj["kind"],
         "namespace": obj["metadata"]["namespace"],
         "name": obj["metadata"]["name"],
-        "state": state_of(obj),
+        "state": shown(found),
         "ready": ready.get("status", "Unknown"),
-        "reason": ready.get("reason", ""),
-        "message": ready.get("message", ""),
+        "reason": found.reason,
+        "message": found.message,
         "lastAppliedRevision": status.get("lastAppliedRevision")
         or status.get("lastAttemptedRevision")
         or "",
@@ -105,10 +87,21 @@ def _flux_object(obj: Obj) -> Obj:
     }
 
 
-def _tree(kube: Kube, root: Obj) -> Obj:
+def _source_revision(ks: Obj, source: Obj | None) -> str | None:
+    """The artifact revision of the Kustomization's source, when that is the sync's
+    GitRepository (the one status reads)."""
+    ref = ks.get("spec", {}).get("sourceRef", {})
+    if source is None or (ref.get("kind"), ref.get("name")) != ("GitRepository", source["name"]):
+        return None
+    if ref.get("namespace", ks["metadata"]["namespace"]) != source["namespace"]:
+        return None
+    return str(source["revision"]) if source["state"] == READY else None
+
+
+def _tree(kube: Kube, root: Obj, source: Obj | None) -> Obj:
     """A Kustomization with what it applied: child Kustomizations in dependency order, and
     the HelmReleases each child applied (by Flux's ownership labels)."""
-    node = _flux_object(root)
+    node = _flux_object(root, _source_revision(root, source))
     selector = f"{OWNER_NAME}={root['metadata']['name']},{OWNER_NS}={root['metadata']['namespace']}"
     node["helmReleases"] = [_flux_object(h) for h in kube.list(HR_API, "HelmRelease", "", selector)]
     children = [
@@ -126,12 +119,13 @@ def _tree(kube: Kube, root: Obj) -> Obj:
         ] or sorted(remaining)[:1]
         for name in ready:
             ordered.append(remaining.pop(name))
-    node["children"] = [_tree(kube, child) for child in ordered]
+    node["children"] = [_tree(kube, child, source) for child in ordered]
     return node
 
 
 def _worst(states: list[str]) -> str:
-    for state in (FAILED, PROGRESSING):
+    # Suspended before progressing: what waits on a suspended object never gets there.
+    for state in (FAILED, SUSPENDED, PROGRESSING):
         if state in states:
             return state
     return READY
@@ -197,30 +191,23 @@ def _collect(
     kube.kinds.update(FLUX_KINDS)
     if bundle:
         kube.register_crds(bundle.crds)
-    crd = kube.get(
-        "apiextensions.k8s.io/v1",
-        "CustomResourceDefinition",
-        "gitrepositories.source.toolkit.fluxcd.io",
-    )
-    report["flux"]["installed"] = (
-        (crd or {}).get("metadata", {}).get("labels", {}).get("app.kubernetes.io/version")
-    )
+    flux = health.installed_flux(kube)
+    report["flux"]["installed"] = flux.version if flux else None
     controllers = []
     for deploy in kube.list(
         "apps/v1", "Deployment", config.flux.namespace, "app.kubernetes.io/part-of=flux"
     ):
-        available = condition(deploy, "Available") or {}
-        ok = deployment_available(deploy)
+        found = health.deployment(deploy)
         controllers.append(
             {
                 "name": deploy["metadata"]["name"],
-                "state": READY if ok else PROGRESSING,
-                "message": available.get("message", ""),
+                "state": shown(found),
+                "message": found.message,
             }
         )
     report["flux"]["controllers"] = controllers
     sync = config.sync
-    repo = kube.get_like(desired.git_repository(sync)) if crd else None
+    repo = kube.get_like(desired.git_repository(sync)) if flux else None
     if repo is not None:
         fetching = source_progress(repo)
         report["source"] = {
@@ -233,11 +220,9 @@ def _collect(
             if fetching
             else None,
         }
-        if source_failure(repo):  # a failed fetch is retried, but it failed: say so
-            report["source"]["state"] = FAILED
-    root = kube.get_like(desired.kustomization(sync)) if crd else None
+    root = kube.get_like(desired.kustomization(sync)) if flux else None
     if root is not None:
-        report["kustomizations"] = [_tree(kube, root)]
+        report["kustomizations"] = [_tree(kube, root, report["source"])]
     report["site"] = _site(kube, config)
     # The lease before the record: a run records, then releases, so no record and a free
     # lease mean no run has finished.
@@ -272,7 +257,7 @@ def _patches(
     if not sync.patches or root is None or source is None:
         return []
     revision = source["revision"]
-    if not observed_current(root) or root.get("status", {}).get("lastAttemptedRevision") != (
+    if not health.observed_current(root) or root.get("status", {}).get("lastAttemptedRevision") != (
         revision
     ):
         return [
@@ -372,8 +357,8 @@ def _site_ready(item: Obj) -> bool:
 
 # -- output ------------------------------------------------------------------------------------
 
-_SYMBOL = {READY: "✓", PROGRESSING: "…", FAILED: "✗"}
-_COLOUR = {READY: "32", PROGRESSING: "33", FAILED: "31"}
+_SYMBOL = {READY: "✓", PROGRESSING: "…", FAILED: "✗", SUSPENDED: "‖"}
+_COLOUR = {READY: "32", PROGRESSING: "33", FAILED: "31", SUSPENDED: "35"}
 
 
 def render_text(report: Obj, colour: bool) -> str:
@@ -550,7 +535,7 @@ def _watch(look: Callable[[], Obj], output: str) -> int:
             print(text if tty or output == "json" else f"{text}\n", flush=True)
         last["unchanged"] = last["unchanged"] + 1 if key == last["key"] else 0
         last["key"], last["report"] = key, report
-        return report["state"] in (READY, FAILED) and report["api"]["reachable"]
+        return report["state"] in (READY, FAILED, SUSPENDED) and report["api"]["reachable"]
 
     with contextlib.suppress(interrupt.Interrupted):  # Ctrl-C stops watching
         tenacity.Retrying(

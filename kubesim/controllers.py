@@ -131,7 +131,9 @@ class Controllers:
         reason ProgressingWithRetry (internal/reconcile ComputeReconcileResult); a stalling
         error sets Stalled, removes Reconciling and records the generation."""
         meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
-        if spec.get("url") in self.unreconciled_sources:
+        if spec.get("url") in self.unreconciled_sources or spec.get("suspend"):
+            # A suspended one is not reconciled: Reconcile returns before any work
+            # ("reconciliation is suspended for this object"), its status left as it was.
             return
         generation = meta["generation"]
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")
@@ -197,6 +199,9 @@ class Controllers:
 
     def _kustomization(self, ks: dict[str, Any]) -> None:
         meta, spec, status = ks["metadata"], ks.get("spec", {}), ks.get("status", {})
+        if spec.get("suspend"):
+            self._suspended_kustomization(ks)
+            return
         ref = spec.get("sourceRef", {})
         source = self._source(ref.get("namespace", meta["namespace"]), ref.get("name", ""))
         revision = (source or {}).get("status", {}).get("artifact", {}).get("revision", "")
@@ -241,6 +246,20 @@ class Controllers:
                     )
                 ]
         self._set_status(ks, new, "kustomize-controller")
+
+    def _suspended_kustomization(self, ks: dict[str, Any]) -> None:
+        """kustomize-controller internal/controller/kustomization_controller.go, Reconcile:
+        a suspended Kustomization is not reconciled ("Reconciliation is suspended for this
+        object"), but the deferred finalizeStatus still runs, and records the generation
+        when Ready is True (so `flux suspend` leaves a Ready one current)."""
+        meta, status = ks["metadata"], ks.get("status", {})
+        ready = [c for c in status.get("conditions", []) if c.get("type") == "Ready"]
+        if status.get("observedGeneration") == meta["generation"]:
+            return
+        if ready and ready[0].get("status") == "True":
+            self._set_status(
+                ks, {**status, "observedGeneration": meta["generation"]}, "kustomize-controller"
+            )
 
     def _build_and_apply(self, ks: dict[str, Any]) -> None:
         """fluxcd/kustomize-controller `internal/controller/kustomization_controller.go`

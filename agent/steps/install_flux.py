@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import log
+from agent import health, log
 from agent.context import RunContext
 from agent.converge import (
     StepResult,
     describe,
     ensure,
     fetch_live,
-    is_true,
-    observed_current,
     parallel,
     wait_until,
 )
 from agent.errors import NeedsDecision
-from agent.steps.preflight import MANAGED_BY_LABEL, OUR_MANAGERS
+from agent.health import CRD_API, MANAGED_BY_LABEL
+from agent.steps.preflight import OUR_MANAGERS
 
 _log = log.get("install-flux")
-CRD_API = "apiextensions.k8s.io/v1"
 HELM_ANNOTATIONS = ("meta.helm.sh/release-name", "meta.helm.sh/release-namespace")
 Obj = dict[str, Any]
 
@@ -123,20 +121,8 @@ def _refuse_dropping_stored_versions(
 def _established(ctx: RunContext) -> bool | None:
     wanted = {crd["metadata"]["name"] for crd in ctx.bundle.crds}
     live = ctx.kube.list(CRD_API, "CustomResourceDefinition")
-    ready = {c["metadata"]["name"] for c in live if is_true(c, "Established")}
+    ready = {c["metadata"]["name"] for c in live if health.crd(c).state == health.READY}
     return True if wanted <= ready else None
-
-
-def deployment_available(deploy: dict[str, Any]) -> bool:
-    """Available for its current generation, every replica updated and available."""
-    status = deploy.get("status", {})
-    replicas = deploy.get("spec", {}).get("replicas", 1)
-    return (
-        observed_current(deploy)
-        and is_true(deploy, "Available")
-        and status.get("updatedReplicas", 0) >= replicas
-        and status.get("availableReplicas", 0) >= replicas
-    )
 
 
 def _available(ctx: RunContext) -> bool | None:
@@ -148,7 +134,7 @@ def _available(ctx: RunContext) -> bool | None:
     }
     for desired in ctx.bundle.deployments:
         found = live.get((desired["metadata"]["namespace"], desired["metadata"]["name"]))
-        if found is None or not deployment_available(found):
+        if health.deployment(found).state != health.READY:
             return None
     return True
 
@@ -160,7 +146,7 @@ def _running(ctx: RunContext) -> bool:
         found = live.get(crd["metadata"]["name"])
         if (
             found is None
-            or not is_true(found, "Established")
+            or health.crd(found).state != health.READY
             or found["metadata"].get("labels", {}).get("app.kubernetes.io/version")
             != ctx.bundle.version
         ):

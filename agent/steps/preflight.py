@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 
-from agent import log
+from agent import health, log
 from agent.context import RunContext
 from agent.converge import StepResult
 from agent.errors import NeedsDecision
+from agent.health import PROBE_CRD
 
 _log = log.get("preflight")
-PROBE_CRD = "gitrepositories.source.toolkit.fluxcd.io"
 OUR_MANAGERS = {"flux", "alga-bootstrap"}
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -30,11 +29,10 @@ def check(ctx: RunContext) -> StepResult:
             f"{ctx.bundle.version} supports (>= {needed[0]}.{needed[1]}); upgrade Kubernetes "
             "or bundle an older Flux"
         )
-    crd = ctx.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", PROBE_CRD)
+    flux = health.installed_flux(ctx.kube)
     note = f"Kubernetes {server.get('gitVersion')}; Flux not installed"
-    if crd is not None:
-        labels = crd["metadata"].get("labels", {})
-        manager = labels.get(MANAGED_BY_LABEL)
+    if flux is not None:
+        manager = flux.managed_by
         if manager and manager.lower() not in OUR_MANAGERS:
             if not ctx.force:
                 raise NeedsDecision(
@@ -44,7 +42,7 @@ def check(ctx: RunContext) -> StepResult:
                 )
             _log.warning(f"taking over Flux from {manager!r} (--force)")
             ctx.taking_over_from = manager
-        installed = labels.get("app.kubernetes.io/version")
+        installed = flux.version
         ctx.installed_flux_version = installed
         if (
             installed

@@ -7,29 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import desired, log, patch_effects
+from agent import desired, health, log, patch_effects
 from agent.context import RunContext
-from agent.converge import (
-    StepResult,
-    condition,
-    is_true,
-    observed_current,
-    parallel,
-    seconds_since,
-    wait_until,
-)
+from agent.converge import StepResult, parallel, seconds_since, wait_until
 from agent.errors import BootstrapError
 
 _log = log.get("verify")
 Obj = dict[str, Any]
-# Kustomization Ready=False reasons that mean the attempt failed (not merely in progress).
-FAILED_REASONS = {
-    "BuildFailed",
-    "ReconciliationFailed",
-    "PruneFailed",
-    "ArtifactFailed",
-    "InvalidPath",
-}
 # What the agent's guarded JSON patches fail with when upstream sets the field itself.
 GUARD_FAILURE = "testing value /spec/"
 GUARD_HINT = (
@@ -40,35 +24,18 @@ GUARD_HINT = (
 )
 
 
-# Conditions source-controller counts as a failed attempt (gitRepositoryFailConditions in
-# internal/controller/gitrepository_controller.go): FetchFailed (auth, DNS, timeout:
-# reasons AuthenticationFailed, GitOperationFailed), IncludeUnavailable, StorageOperationFailed.
-FAIL_CONDITIONS = ("FetchFailed", "IncludeUnavailable", "StorageOperationFailed")
-
-
-def _current(obj: Obj, cond: Obj) -> bool:
-    """Whether a condition speaks of the object's current generation. Flux stamps each
-    condition with it (fluxcd/pkg runtime/conditions, Set), also when a failed fetch leaves
-    status.observedGeneration behind."""
-    seen = cond.get("observedGeneration", obj.get("status", {}).get("observedGeneration", -1))
-    return bool(seen >= obj["metadata"].get("generation", 0))
-
-
 def source_failure(repo: Obj) -> str | None:
     """Flux's own message when the source failed for its current generation: Stalled, or
     an attempt that failed. source-controller retries a failed fetch with backoff; the run
     does not wait for it, it reports it (and Talos runs the agent again)."""
-    name = f"GitRepository {repo['metadata']['namespace']}/{repo['metadata']['name']}"
-    if is_true(repo, "Stalled") and observed_current(repo):
-        return f"{name} is stalled: {_message(repo, 'Stalled')}"
-    ready = condition(repo, "Ready")
-    if ready is None or ready.get("status") != "False" or not _current(repo, ready):
+    found = health.flux(repo)
+    name = health.name_of(repo)
+    if found.state == health.STALLED:
+        return f"{name} is stalled: {found.message}"
+    if found.state != health.FAILED:
         return None
-    verified = condition(repo, "SourceVerified") or {}
-    if not any(is_true(repo, c) for c in FAIL_CONDITIONS) and verified.get("status") != "False":
-        return None  # still progressing (Progressing, NewRevision)
-    message = f"{name} failed ({ready.get('reason')}): {ready.get('message')}"
-    if "context deadline exceeded" in str(ready.get("message")):
+    message = f"{name} failed ({found.reason}): {found.message}"
+    if "context deadline exceeded" in found.message:
         timeout = repo.get("spec", {}).get("timeout", "60s")
         message += f"; the fetch took longer than its timeout ({timeout}): raise sync.sourceTimeout"
     return message
@@ -77,53 +44,66 @@ def source_failure(repo: Obj) -> str | None:
 def source_progress(repo: Obj | None) -> tuple[str, float] | None:
     """While source-controller works on the source: its own message and how long it has
     been at it (since its Reconciling condition last changed)."""
-    reconciling = condition(repo, "Reconciling")
+    reconciling = health.condition(repo, "Reconciling")
     if repo is None or reconciling is None or reconciling.get("status") != "True":
         return None
     since = reconciling.get("lastTransitionTime")
     return str(reconciling.get("message", "")), seconds_since(since) if since else 0.0
 
 
+def _suspended(obj: Obj, what: str) -> BootstrapError:
+    return BootstrapError(
+        f"{health.name_of(obj)} is suspended (spec.suspend: true), so Flux will not "
+        f"{what}; resume it ({health.resume_command(obj)}) and re-run alga-bootstrap"
+    )
+
+
 def source_revision(repo: Obj | None) -> str | None:
     """The artifact revision of a GitRepository Ready for its current generation, or None
-    while it is still in progress. A failure raises with Flux's own message."""
+    while it is still in progress. A failure raises with Flux's own message. A suspended
+    one is fine while its artifact is that of its current spec (someone paused fetching:
+    the agent has what it needs); otherwise it can never become so, and the run says so at
+    once instead of waiting out its deadline (as flux2 bootstrap's objectReconciled)."""
     if repo is None:
         return None
     failure = source_failure(repo)
     if failure:
         raise BootstrapError(failure)
-    if not observed_current(repo):
-        return None
-    revision = repo.get("status", {}).get("artifact", {}).get("revision")
-    return revision if is_true(repo, "Ready") and revision else None
+    if health.suspended(repo):
+        revision = health.artifact_revision({**repo, "spec": {**repo["spec"], "suspend": False}})
+        if revision is None:
+            raise _suspended(repo, "fetch its current spec")
+        _log.warning(f"{health.name_of(repo)} is suspended", fix=health.resume_command(repo))
+        return revision
+    return health.artifact_revision(repo)
 
 
 def attempted(ks: Obj | None, revision: str) -> bool:
-    """True once the Kustomization attempted `revision` without a failure."""
+    """True once the Kustomization attempted `revision` without a failure. A suspended one
+    that already applied `revision` for its current spec is fine (a tech paused it on
+    purpose, and nothing the run waits for is missing); one that has not can never attempt
+    it, and the run fails at once naming the fix."""
     if ks is None:
         return False
-    name = f"Kustomization {ks['metadata']['namespace']}/{ks['metadata']['name']}"
-    if is_true(ks, "Stalled"):
-        raise BootstrapError(f"{name} is stalled: {_message(ks, 'Stalled')}")
-    if ks.get("status", {}).get("lastAttemptedRevision") != revision:
+    name = health.name_of(ks)
+    found = health.flux(ks, revision)
+    if found.state == health.STALLED:
+        raise BootstrapError(f"{name} is stalled: {found.message}")
+    at_revision = ks.get("status", {}).get("lastAttemptedRevision") == revision
+    if found.state == health.SUSPENDED:
+        unsuspended = health.flux({**ks, "spec": {**ks["spec"], "suspend": False}}, revision)
+        if not (at_revision and unsuspended.state == health.READY):
+            raise _suspended(ks, f"apply {revision}")
+        _log.warning(f"{name} is suspended", fix=health.resume_command(ks))
+        return True
+    if not at_revision:
         return False
-    ready = condition(ks, "Ready")
-    if (
-        observed_current(ks)
-        and ready is not None
-        and ready.get("status") == "False"
-        and ready.get("reason") in FAILED_REASONS
-    ):
-        message = str(ready.get("message"))
-        hint = GUARD_HINT if GUARD_FAILURE in message else ""
+    if found.state == health.FAILED and found.reason not in health.ROLLOUT_REASONS:
+        hint = GUARD_HINT if GUARD_FAILURE in found.message else ""
         raise BootstrapError(
-            f"{name} failed to apply {revision} ({ready.get('reason')}): {message}{hint}"
+            f"{name} failed to apply {revision} ({found.reason}): {found.message}{hint}"
         )
     return True
-
-
-def _message(obj: Obj, kind: str) -> str:
-    return str((condition(obj, kind) or {}).get("message", ""))
 
 
 def verify(ctx: RunContext) -> StepResult:
@@ -147,7 +127,7 @@ def verify(ctx: RunContext) -> StepResult:
         revision = source_revision(repo)
         if revision is None or not attempted(ks, revision):
             return None
-        if sync.patches and ks is not None and not observed_current(ks):  # an older spec
+        if sync.patches and ks is not None and not health.observed_current(ks):  # an older spec
             return None
         applied = (ks or {}).get("spec", {}).get("patches", [])
         return revision

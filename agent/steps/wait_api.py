@@ -10,7 +10,7 @@ import tenacity
 
 from agent import interrupt, log
 from agent.errors import BootstrapError
-from agent.kube import is_certificate_problem, tls_failure
+from agent.kube import RetryAfterOrBackoff, is_certificate_problem, tls_failure
 
 _log = log.get("wait-api")
 
@@ -19,17 +19,6 @@ class NotReady(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class _BackoffOrRetryAfter(tenacity.wait.wait_base):
-    def __init__(self) -> None:
-        self.backoff = tenacity.wait_exponential_jitter(multiplier=0.25, max=10)
-
-    def __call__(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, NotReady) and exc.retry_after is not None:
-            return min(exc.retry_after, 30.0)
-        return float(self.backoff(state))
 
 
 def wait_for_api(
@@ -97,7 +86,7 @@ def wait_for_api(
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(NotReady),
-            wait=_BackoffOrRetryAfter(),
+            wait=RetryAfterOrBackoff(multiplier=0.25, max_s=10),
             stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
             before_sleep=progress,
             sleep=interrupt.sleep,
