@@ -125,13 +125,19 @@ def flux(obj: Obj | None, source_revision: str | None = None) -> Health:
     very revision was attempted, and otherwise the wait for the source."""
     if obj is None:
         return Health(MISSING)
-    ready = condition(obj, "Ready") or {}
     if suspended(obj):
         return Health(
             SUSPENDED,
             "Suspended",  # meta.SuspendedReason
             f"reconciliation is suspended (spec.suspend: true); resume it: {resume_command(obj)}",
         )
+    return last_reported(obj, source_revision)
+
+
+def last_reported(obj: Obj, source_revision: str | None = None) -> Health:
+    """What the controller last reported, spec.suspend aside (a suspended object keeps
+    the status of its last reconciliation)."""
+    ready = condition(obj, "Ready") or {}
     stalled = condition(obj, "Stalled")
     if stalled is not None and stalled.get("status") == "True" and current(obj, stalled):
         return Health(STALLED, str(stalled.get("reason", "")), str(stalled.get("message", "")))
@@ -163,8 +169,9 @@ def _attempt_failed(obj: Obj, reason: str, source_revision: str | None) -> bool:
 
 
 def artifact_revision(repo: Obj | None) -> str | None:
-    """The artifact revision of a source Ready for its current generation, else None."""
-    if repo is None or flux(repo).state != READY:
+    """The artifact revision of a source Ready for its current generation, else None;
+    spec.suspend aside."""
+    if repo is None or last_reported(repo).state != READY:
         return None
     revision = repo.get("status", {}).get("artifact", {}).get("revision")
     return str(revision) if revision else None

@@ -32,7 +32,7 @@ def source_failure(repo: Obj) -> str | None:
     name = health.name_of(repo)
     if found.state == health.STALLED:
         return f"{name} is stalled: {found.message}"
-    if found.state != health.FAILED:
+    if not found.failed:
         return None
     message = f"{name} failed ({found.reason}): {found.message}"
     if "context deadline exceeded" in found.message:
@@ -69,13 +69,12 @@ def source_revision(repo: Obj | None) -> str | None:
     failure = source_failure(repo)
     if failure:
         raise BootstrapError(failure)
+    revision = health.artifact_revision(repo)
     if health.suspended(repo):
-        revision = health.artifact_revision({**repo, "spec": {**repo["spec"], "suspend": False}})
         if revision is None:
             raise _suspended(repo, "fetch its current spec")
         _log.warning(f"{health.name_of(repo)} is suspended", fix=health.resume_command(repo))
-        return revision
-    return health.artifact_revision(repo)
+    return revision
 
 
 def attempted(ks: Obj | None, revision: str) -> bool:
@@ -91,8 +90,7 @@ def attempted(ks: Obj | None, revision: str) -> bool:
         raise BootstrapError(f"{name} is stalled: {found.message}")
     at_revision = ks.get("status", {}).get("lastAttemptedRevision") == revision
     if found.state == health.SUSPENDED:
-        unsuspended = health.flux({**ks, "spec": {**ks["spec"], "suspend": False}}, revision)
-        if not (at_revision and unsuspended.state == health.READY):
+        if not (at_revision and health.last_reported(ks, revision).state == health.READY):
             raise _suspended(ks, f"apply {revision}")
         _log.warning(f"{name} is suspended", fix=health.resume_command(ks))
         return True
