@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, interrupt, log
-from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, MAX_DURATION_S, duration_seconds
+from agent import __version__, interrupt, log, output
+from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, duration_seconds
 from agent.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -22,13 +22,11 @@ from agent.errors import (
 
 
 def parse_duration(text: str) -> float:
+    """--timeout, read by the config's own duration parser."""
     try:
-        seconds = duration_seconds(text)
+        return duration_seconds(text, positive=True)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    if not 0 < seconds <= MAX_DURATION_S:
-        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero and finite")
-    return seconds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,16 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def command(name: str, help_text: str, cluster: bool = False) -> argparse.ArgumentParser:
-        """A subcommand with --config, and --kubeconfig if it talks to a cluster."""
+        """A subcommand with --config, --kubeconfig if it talks to a cluster, and the output
+        and log flags."""
         cmd = sub.add_parser(
             name,
             help=help_text,
             epilog=_epilog(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if name in ("completion", "version"):
+        if name == "completion":
             return cmd
-        cmd.add_argument("--config", type=Path, help=config_help)
+        if name != "version":
+            cmd.add_argument("--config", type=Path, help=config_help)
         if cluster:
             cmd.add_argument(
                 "--kubeconfig",
@@ -128,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
                 help="the kubeconfig context to use (default: its current-context); "
                 "implies kubeconfig credentials",
             )
+        # As kubectl, flux and talosctl: the answer on stdout, logs on stderr.
+        shown = cmd.add_argument_group("output and logs")
+        if name in ("status", "version", "validate", "images"):
+            shown.add_argument(
+                "--output",
+                "-o",
+                choices=output.FORMATS,
+                default="text",
+                help="text, or a JSON or YAML document with stable keys (see the README)",
+            )
+        shown.add_argument(
+            "--log-level",
+            choices=log.LEVELS,
+            help="the least important log lines shown, on stderr (default: info for run, "
+            "warning for the other commands and for run --dry-run)",
+        )
+        shown.add_argument(
+            "--log-format",
+            choices=["json", "console"],
+            help="default: console when stderr is a terminal, JSON lines otherwise",
+        )
+        shown.add_argument(
+            "--no-color",
+            action="store_true",
+            help="no colours, even on a terminal (also: NO_COLOR set to anything)",
+        )
         return cmd
 
     run = command("run", "bootstrap the cluster (what the boot service runs)", cluster=True)
@@ -155,18 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print what a run would create, change and leave alone (server-side dry run); "
         "write nothing",
     )
-    run.add_argument(
-        "--log-format",
-        choices=["json", "console"],
-        help="default: console on a terminal, JSON lines otherwise",
-    )
 
     validate = command("validate", "check a config and the files it names, without a cluster")
     validate.add_argument("--flux-manifests", type=Path, help="check this bundle instead")
 
     status = command("status", "where the bootstrap and Flux stand (reads only)", cluster=True)
     status.add_argument("--flux-manifests", type=Path, help="the bundled Flux to compare with")
-    status.add_argument("--output", "-o", choices=["text", "json"], default="text")
     status.add_argument(
         "--watch",
         "-w",
@@ -198,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt.install()
     # Only `run` narrates; other commands (and a dry run) print their answer, log warnings.
-    quiet = args.command != "run" or args.dry_run
-    log.configure(getattr(args, "log_format", None), quiet=quiet)
+    narrates = args.command == "run" and not args.dry_run
+    log.configure(
+        getattr(args, "log_format", None),
+        getattr(args, "log_level", None) or ("info" if narrates else "warning"),
+        getattr(args, "no_color", False),
+    )
     try:
         return _dispatch(args, started)
     except BootstrapError as err:
@@ -234,15 +258,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, started: float) -> int:
     if args.command == "version":
-        print(f"alga-bootstrap {__version__}{_pinned_flux()}")
-        return EXIT_OK
+        return _version(args.output)
     if args.command == "validate":
         return _validate(args)
     if args.command == "images":
         from agent import config as config_module
         from agent.image_list import first_boot_images
 
-        print("\n".join(first_boot_images(config_module.load(args.config))))
+        images = first_boot_images(config_module.load(args.config))
+        if args.output == "text":
+            print("\n".join(images))
+        else:
+            print(output.document({"images": images}, args.output))
         return EXIT_OK
     if args.command == "completion":
         from agent.completion import script
@@ -266,6 +293,7 @@ def _dispatch(args: argparse.Namespace, started: float) -> int:
             args.context,
             args.timeout,
             args.watch,
+            log.colour_wanted(sys.stdout, args.no_color),
         )
     from agent.run import RunOptions, run
 
@@ -298,20 +326,30 @@ def _print_plan(results: list[Any]) -> None:
             print(f"  [{result.name}] {line}")
 
 
-def _pinned_flux() -> str:
-    """What the default config pins, for `version`; never an error."""
+def _version(fmt: str) -> int:
+    """The agent's version and the Flux the default config pins; never an error."""
     from agent import bundle as flux_bundle
     from agent import config as config_module
 
+    flux: dict[str, Any] | None = None
     try:
         pinned = config_module.load(None).flux
     except ConfigError:
-        return ""
-    try:
-        version = flux_bundle.load(pinned.manifests, pinned.sha256).version
-    except ConfigError:
-        version = "bundle not readable here"
-    return f" (Flux {version}, bundle sha256 {pinned.sha256[:12]})"
+        pass
+    else:
+        try:
+            version = flux_bundle.load(pinned.manifests, pinned.sha256).version
+        except ConfigError:
+            version = None  # the bundle is not readable here
+        flux = {"version": version, "sha256": pinned.sha256}
+    if fmt != "text":
+        print(output.document({"version": __version__, "flux": flux}, fmt))
+    elif flux is None:
+        print(f"alga-bootstrap {__version__}")
+    else:
+        shown = flux["version"] or "bundle not readable here"
+        print(f"alga-bootstrap {__version__} (Flux {shown}, bundle sha256 {flux['sha256'][:12]})")
+    return EXIT_OK
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -322,8 +360,18 @@ def _validate(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
     bundle = flux_bundle.load(args.flux_manifests or config.flux.manifests, config.flux.sha256)
     check_manifests(config, bundle.kinds)
-    print(
-        f"{config.source}: valid (Flux {bundle.version}, sync {config.sync.url} "
-        f"{config.sync.ref.describe()} {config.sync.path})"
-    )
+    sync = config.sync
+    if args.output == "text":
+        print(
+            f"{config.source}: valid (Flux {bundle.version}, sync {sync.url} "
+            f"{sync.ref.describe()} {sync.path})"
+        )
+        return EXIT_OK
+    answer = {
+        "config": config.source,
+        "valid": True,
+        "flux": {"version": bundle.version, "sha256": config.flux.sha256},
+        "sync": {"url": sync.url, "ref": sync.ref.as_spec(), "path": sync.path},
+    }
+    print(output.document(answer, args.output))
     return EXIT_OK

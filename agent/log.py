@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 REDACTED = "<redacted>"
+LEVELS = ("debug", "info", "warning", "error")
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -45,12 +47,19 @@ def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-def configure(fmt: str | None = None, quiet: bool = False) -> None:
-    """`fmt` json or console; by default console on a TTY and JSON otherwise. `quiet`:
-    warnings and errors only, on stderr (for commands whose stdout is their answer)."""
-    console = sys.stdout.isatty() if fmt is None else fmt == "console"
+def colour_wanted(stream: TextIO, no_color: bool = False) -> bool:
+    """Colours on a terminal only, and never with --no-color or with NO_COLOR set to anything
+    but the empty string (no-color.org)."""
+    return stream.isatty() and not no_color and not os.environ.get("NO_COLOR")
+
+
+def configure(fmt: str | None = None, level: str = "info", no_color: bool = False) -> None:
+    """Logs go to stderr, as kubectl, flux and talosctl write theirs: stdout carries a
+    command's answer only. `fmt` json or console; by default console when stderr is a
+    terminal, JSON lines otherwise (Talos's service log). `level`: one of LEVELS."""
+    console = sys.stderr.isatty() if fmt is None else fmt == "console"
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        structlog.dev.ConsoleRenderer(colors=colour_wanted(sys.stderr, no_color))
         if console
         else structlog.processors.JSONRenderer()
     )
@@ -61,10 +70,8 @@ def configure(fmt: str | None = None, quiet: bool = False) -> None:
             _redact_event,
             renderer,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr if quiet else sys.stdout),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.WARNING if quiet else logging.INFO
-        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=False,
     )
 

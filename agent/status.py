@@ -27,6 +27,7 @@ from agent.errors import (
 )
 from agent.kube import FLUX_KINDS, Kube
 from agent.lease import active_holder
+from agent.output import document
 from agent.run import connect
 from agent.steps import record
 from agent.steps.verify import source_progress
@@ -499,24 +500,28 @@ def main(
     context: str | None = None,
     timeout_s: float = 5.0,
     watch: bool = False,
+    colour: bool = False,
 ) -> int:
+    """`output`: text (coloured when `colour`), json or yaml."""
+
     def look() -> Obj:
         return collect(config, kubeconfig, flux_manifests, context, timeout_s)
 
     if watch:
-        return _watch(look, output)
+        return _watch(look, output, colour)
     report = look()
-    if output == "json":
-        print(json.dumps(report, indent=2, sort_keys=True))
+    if output == "text":
+        print(render_text(report, colour))
     else:
-        print(render_text(report, colour=sys.stdout.isatty()))
+        print(document(report, output))
     return _EXIT_CODES.get(report["state"], EXIT_FAILED)
 
 
-def _watch(look: Callable[[], Obj], output: str) -> int:
+def _watch(look: Callable[[], Obj], output: str, colour: bool) -> int:
     """Look again until ready or failed, or Ctrl-C (then the exit code of the last look), as
     `flux get --watch`. On a terminal the screen is redrawn; otherwise (and for JSON,
-    one line each) a new answer is printed only when something changed. Looks again 0.5 s
+    one line each; for YAML, one document each) a new answer is printed only when something
+    changed. Looks again 0.5 s
     after a change, backing off to every WATCH_POLL_MAX_S while nothing changes. An
     unreachable API is waited for: a first boot starts before it."""
     tty = output == "text" and sys.stdout.isatty()
@@ -526,13 +531,13 @@ def _watch(look: Callable[[], Obj], output: str) -> int:
         report = look()
         key = json.dumps(_without_ages(report), sort_keys=True)
         if tty or key != last["key"]:
-            if output == "json":
-                text = json.dumps(report, sort_keys=True)
+            if output == "text":
+                text = render_text(report, colour=tty and colour)
             else:
-                text = render_text(report, colour=tty)
+                text = document(report, output, stream=True)
             if tty:  # redraw from the top left, whatever the lines wrapped to
                 sys.stdout.write("\033[H\033[2J")
-            print(text if tty or output == "json" else f"{text}\n", flush=True)
+            print(text if tty or output != "text" else f"{text}\n", flush=True)
         last["unchanged"] = last["unchanged"] + 1 if key == last["key"] else 0
         last["key"], last["report"] = key, report
         return report["state"] in (READY, FAILED, SUSPENDED) and report["api"]["reachable"]

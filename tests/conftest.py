@@ -36,7 +36,9 @@ class Result:
         return self.stdout + self.stderr
 
     def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+        """The run's log: JSON lines on stderr (stderr is not a terminal here); the one-line
+        error a failed run ends with is no event."""
+        return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
 
 
 def agent_env() -> dict[str, str]:

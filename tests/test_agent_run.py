@@ -93,7 +93,7 @@ def test_fresh_run_installs_flux_and_the_sync(kubesim: KubeSim, config: Path) ->
     first_deploy = next(i for i, p in enumerate(applies) if "/deployments/" in p)
     last_crd = max(i for i, p in enumerate(applies) if "customresourcedefinitions" in p)
     assert last_crd < first_deploy
-    events = result.events()  # JSON lines when stdout is not a terminal
+    events = result.events()  # JSON lines when stderr is not a terminal
     assert events[-1]["event"] == "done"
 
 
@@ -151,11 +151,11 @@ def test_api_refusing_connections_then_coming_up(kubesim_factory: Any, config: P
         env=agent_env(),
         cwd=REPO,
     )
-    assert agent.stdout is not None
-    first = agent.stdout.readline()  # started: the API comes up 2.5 s later
+    assert agent.stderr is not None
+    first = agent.stderr.readline()  # started: the API comes up 2.5 s later
     threading.Timer(2.5, sim.accept_connections).start()
     out, err = agent.communicate(timeout=120)
-    result = Result(agent.returncode, first + out, err)
+    result = Result(agent.returncode, out, first + err)
     assert result.code == 0, result.output
     waits = [e for e in result.events() if e["event"] == "API not ready yet"]
     assert waits and "ConnectError" in waits[0]["detail"]

@@ -184,7 +184,7 @@ def test_a_run_killed_after_any_write_is_completed_without_a_second_value(
         assert first.code in (-signal.SIGKILL, 0), where
         killed += first.code == -signal.SIGKILL
         assert second.code == 0, f"{where}\n{second.stderr}"
-        last = json.loads(second.stdout.splitlines()[-1])
+        last = second.events()[-1]
         assert last["event"] in ("done", "nothing to do"), where
         assert outcome["deletes"] == [], where
         # No generated key was ever written with two values, and the value first written

@@ -47,8 +47,8 @@ class Agent:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        self.lines.extend(self.proc.stdout)
+        assert self.proc.stderr is not None
+        self.lines.extend(self.proc.stderr)  # the run's log
         self.proc.wait()
         self.seconds = time.monotonic() - self.started
 
@@ -59,10 +59,10 @@ class Agent:
             time.sleep(0.05)
 
     def finish(self, timeout: float = 60) -> Result:
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read()
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
         self._reader.join(timeout)
-        self.result = Result(self.proc.returncode, "".join(self.lines), err)
+        self.result = Result(self.proc.returncode, out, "".join(self.lines))
         return self.result
 
 
@@ -426,7 +426,7 @@ def test_lease_holders_judged_by_host_and_local_clock(
 
     here, skew = results["died-here"], results["skewed"]
     assert here is not None and skew is not None
-    assert "another run holds the lease; waiting" not in here.stdout
+    assert "another run holds the lease; waiting" not in here.stderr
     takeover = [e for e in here.events() if e["event"].startswith("taking over")]
     assert takeover[0]["event"] == "taking over the lease of a run that died on this host"
     assert takeover[0]["holder"] == died_here

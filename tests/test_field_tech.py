@@ -290,7 +290,7 @@ def test_a_run_waits_while_another_holds_the_lease(kubesim: KubeSim, write_confi
         ],
         cwd=REPO,
         env=agent_env(),
-        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     for _ in range(8):  # hold it for 4 s, renewing well within its 2 s duration
@@ -301,9 +301,9 @@ def test_a_run_waits_while_another_holds_the_lease(kubesim: KubeSim, write_confi
         "source.toolkit.fluxcd.io/v1", "GitRepository", "appliance", "flux-system"
     )
     kubesim.put(lease(None), "other-run")  # released
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    events = [json.loads(line) for line in out.splitlines()]
+    _, log = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log
+    events = [json.loads(line) for line in log.splitlines()]
     assert any(
         e["event"] == "another run holds the lease; waiting" and e["holder"] == "boot-time-run"
         for e in events

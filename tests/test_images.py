@@ -238,8 +238,8 @@ def test_the_talos_boot_path_runs_in_the_image(
 
     try:
         first = boot()
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr
-        events = [json.loads(line) for line in first.stdout.splitlines()]  # JSON: not a TTY
+        assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+        events = [json.loads(line) for line in first.stderr.splitlines()]  # JSON: not a TTY
         assert events[0]["event"] == "starting"
         assert events[0]["config"] == "/etc/alga-bootstrap/config.yaml"
         assert events[-1]["event"] == "done"
@@ -249,7 +249,7 @@ def test_the_talos_boot_path_runs_in_the_image(
         )
         again = boot()
         assert again.returncode == 0, again.stderr
-        assert json.loads(again.stdout.splitlines()[-1])["event"] == "nothing to do"
+        assert json.loads(again.stderr.splitlines()[-1])["event"] == "nothing to do"
     finally:
         node.stop()
 

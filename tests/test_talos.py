@@ -193,11 +193,11 @@ def test_a_machine_config_that_arrives_late_restarts_the_service(
         env=node_env(tmp_path),
         cwd=REPO,
     )
-    assert agent.stdout is not None
+    assert agent.stderr is not None
     first_wait = ""
     while '"machined not ready yet"' not in first_wait:
-        first_wait = agent.stdout.readline()
-        assert first_wait, agent.stderr.read() if agent.stderr else ""
+        first_wait = agent.stderr.readline()
+        assert first_wait, agent.stdout.read() if agent.stdout else ""
     silent.close()
     os.unlink(node.socket_path)
     node.start()
@@ -466,7 +466,7 @@ def test_three_control_plane_nodes_bootstrap_etcd_once(
     assert [n.names().count("Bootstrap") for n in nodes] == [1, 0, 0]
     # The Lease: each object was written by one run only, never by two.
     assert [p for p, n in Counter(writes_beyond_bookkeeping(sim)).items() if n > 1] == []
-    assert sum("etcd bootstrap requested" in r.stdout for r in results) == 1
+    assert sum("etcd bootstrap requested" in r.stderr for r in results) == 1
 
 
 def test_bootstrap_etcd_takes_false_true_or_one_node(write_config: Any, tmp_path: Path) -> None:

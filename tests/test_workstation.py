@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import itertools
 import json
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.cli import build_parser
 from kubesim import KubeSim
 from tests.conftest import REPO, agent_env, basic_config, fast_run_args, run_agent
 
@@ -315,9 +317,25 @@ def test_bash_completion(tmp_path: Path) -> None:
 
     assert complete("st") == ["status"]
     assert complete("status", "--w") == ["--watch"]
-    assert complete("status", "-o", "") == ["text", "json"]
+    assert complete("status", "-o", "") == ["text", "json", "yaml"]
+    assert complete("images", "--output", "y") == ["yaml"]
+    assert complete("run", "--log-level", "") == ["debug", "info", "warning", "error"]
     assert complete("completion", "") == ["bash", "zsh", "-h", "--help"]
     assert "--context" in complete("run", "--")
+    # Every option the parser has, for every command: the script is built from it.
+    for name, command in _subcommands(build_parser()).items():
+        offered = set(complete(name, "-"))
+        assert {o for a in command._actions for o in a.option_strings} <= offered, name
+    for name in ("run", "status", "validate", "images", "version"):
+        assert {"--log-level", "--log-format", "--no-color"} <= set(complete(name, "--")), name
+    for name in ("status", "validate", "images", "version"):
+        assert {"-o", "--output"} <= set(complete(name, "-")), name
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(
+        dict(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")

@@ -14,8 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent import safe_yaml
-from agent.config import deep_merge
-from agent.errors import ConfigError
+from agent.config.loader import deep_merge, register_section
+from agent.config.reader import DNS_SUBDOMAIN, Section
+from agent.config.schema import AlgaSettings
 from agent.patches import MARK, go_safe_yaml, guarded_add
 
 PROFILE = "talos-single-node"
@@ -162,7 +163,7 @@ SELECTION_KEYS = {
 }
 # A tag, optionally pinned further by its digest (the charts write `repository:tag`).
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@sha256:[0-9a-f]{64})?$")
-HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MODE = re.compile("|".join(ROOT_PATHS))
 PRIVILEGED = {
     f"pod-security.kubernetes.io/{mode}": "privileged" for mode in ("enforce", "audit", "warn")
 }
@@ -171,73 +172,44 @@ VALUES_NAMESPACE = "alga-system"
 SELECTION_NAME = "appliance-release-selection"
 
 
-def _fail(source: str, field: str, message: str) -> ConfigError:
-    return ConfigError(f"{source}: alga.{field}: {message}")
-
-
-def _string(section: dict[str, Any], key: str, source: str, prefix: str = "") -> str:
-    value = section.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(source, prefix + key, "is required and must be a non-empty string")
-    if re.search(r"[\x00-\x1f\x7f]", value):
-        raise _fail(source, prefix + key, "must not hold control characters")
-    return value
-
-
-@dataclass(frozen=True)
-class AlgaSettings:
-    """What the rest of the agent needs to know of the `alga` section once it is expanded."""
-
-    mode: str
-    tags: dict[str, str]  # alga.images
-
-
-def expand(
-    data: dict[str, Any], source: str, base_dir: Path
-) -> tuple[dict[str, Any], AlgaSettings]:
-    alga = data.get("alga")
-    if not isinstance(alga, dict):
-        raise ConfigError(f"{source}: alga: must be a mapping")
-    known = {"mode", "appUrl", "host", "release", "images", "valuesDir", "storage", "secrets"}
-    unknown = sorted(map(str, set(alga) - known))
-    if unknown:
-        raise _fail(
-            source, unknown[0], f"unknown field (known fields here: {', '.join(sorted(known))})"
-        )
-    mode = alga.get("mode", "profile")
-    if not isinstance(mode, str) or mode not in ROOT_PATHS:
-        raise _fail(source, "mode", f"{mode!r} is not a mode; use profile or base")
-    app_url, host = _app_url(alga, source)
-    tags = _images(alga, source)
-    release = _release(alga, source)
+def expand(alga: Section, data: dict[str, Any]) -> tuple[dict[str, Any], AlgaSettings]:
+    """The `alga` section, read and checked, turned into `sync` and `site` settings merged
+    with the site's own (`data`, the config without `alga`)."""
+    mode = alga.text("mode", "profile", MODE, "use profile or base")
+    app_url, host = _app_url(alga)
+    tags = _images(alga)
+    release = _release(alga.section("release"), alga.has("release"))
+    secrets = _secrets(alga.section("secrets"))
+    storage = alga.flag("storage", True)
+    values_dir = _values_dir(alga) if mode == "base" else None
+    alga.raw("valuesDir")
+    alga.close()
     site_values = component_site_values(app_url, host, tags)
 
-    out = {k: v for k, v in data.items() if k != "alga"}
-    sync, site = _mapping(out, "sync", source), _mapping(out, "site", source)
+    sync_section = alga.item(data.get("sync"), "sync")
+    site_section = alga.item(data.get("site"), "site")
+    sync, site = dict(sync_section.data), dict(site_section.data)
     if "path" in sync and sync["path"] != ROOT_PATHS[mode]:
-        raise ConfigError(
-            f"{source}: sync.path: set by alga.mode ({mode}: {ROOT_PATHS[mode]});"
-            " remove sync.path or change alga.mode"
+        sync_section.fail(
+            f"set by alga.mode ({mode}: {ROOT_PATHS[mode]}); remove sync.path or change alga.mode",
+            "path",
         )
     sync["path"] = ROOT_PATHS[mode]
     site["namespaces"] = [
         {"name": "alga-system"},
         {"name": "appliance-system", "labels": dict(PRIVILEGED)},
         {"name": "msp", "labels": dict(PRIVILEGED)},
-        *_list(site, "namespaces", source),
+        *site_section.items("namespaces"),
     ]
-    site["secrets"] = [*_secrets(alga, source, base_dir), *_list(site, "secrets", source)]
+    site["secrets"] = [*secrets, *site_section.items("secrets")]
     # Profile mode: the agent sets the tags, so it owns the release selection too and keeps
     # it equal to them. Base mode: the appliance's updater owns both after the first boot.
     config_maps = [release_selection(release, tags, owned=mode == "profile")]
-    if mode == "base":
-        config_maps += values_config_maps(_values_dir(alga, source, base_dir), site_values, source)
+    if values_dir is not None:
+        config_maps += values_config_maps(values_dir, site_values, alga.source)
         site_values = {}  # the values ConfigMaps carry them
-    sync["patches"] = [*_list(sync, "patches", source, "sync."), *root_patches(site_values, tags)]
-    site["configMaps"] = [*config_maps, *_list(site, "configMaps", source)]
-    storage = alga.get("storage", True)
-    if not isinstance(storage, bool):
-        raise _fail(source, "storage", "must be true or false")
+    sync["patches"] = [*sync_section.items("patches"), *root_patches(site_values, tags)]
+    site["configMaps"] = [*config_maps, *site_section.items("configMaps")]
     if storage:
         site["manifests"] = [
             {
@@ -248,110 +220,71 @@ def expand(
                     "name": "local-path",
                 },
             },
-            *_list(site, "manifests", source),
+            *site_section.items("manifests"),
         ]
-    out["sync"], out["site"] = sync, site
-    return out, AlgaSettings(mode, tags)
+    return {**data, "sync": sync, "site": site}, AlgaSettings(mode, tags)
 
 
-def _mapping(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = data.get(key)
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{source}: {key}: must be a mapping")
-    return dict(value or {})
-
-
-def _list(data: dict[str, Any], key: str, source: str, prefix: str = "site.") -> list[Any]:
-    value = data.get(key)
-    if value is not None and not isinstance(value, list):
-        raise ConfigError(f"{source}: {prefix}{key}: must be a list")
-    return list(value or [])
-
-
-def _app_url(alga: dict[str, Any], source: str) -> tuple[str, str]:
-    url = _string(alga, "appUrl", source)
+def _app_url(alga: Section) -> tuple[str, str]:
+    url = alga.text("appUrl", hint="the site's URL, for example https://psa.example.com")
     parts = urlsplit(url)
     if (
         " " in url
         or parts.scheme not in ("https", "http")
         or not parts.hostname
-        or not HOST.fullmatch(parts.hostname)
+        or not DNS_SUBDOMAIN.fullmatch(parts.hostname)
         or parts.path not in ("", "/")
         or parts.query
     ):
-        raise _fail(
-            source,
-            "appUrl",
+        alga.fail(
             f"{url!r} is not a site URL; use https://host[:port], "
             "for example https://psa.example.com",
+            "appUrl",
         )
-    host = alga.get("host", parts.hostname)
-    if not isinstance(host, str) or len(host) > 253 or not HOST.fullmatch(host):
-        raise _fail(source, "host", f"{host!r} is not a lowercase DNS name")
+    host = alga.text("host", parts.hostname, DNS_SUBDOMAIN, "a lowercase DNS name")
     return url.rstrip("/"), host
 
 
-def _images(alga: dict[str, Any], source: str) -> dict[str, str]:
-    images = alga.get("images")
-    if not isinstance(images, dict):
-        raise _fail(source, "images", f"must map each of {', '.join(IMAGE_KEYS)} to a tag")
-    unknown = sorted(map(str, set(images) - set(IMAGE_KEYS)))
-    if unknown:
-        raise _fail(
-            source, f"images.{unknown[0]}", f"unknown image (known: {', '.join(IMAGE_KEYS)})"
-        )
+def _images(alga: Section) -> dict[str, str]:
+    if not alga.has("images"):
+        alga.fail(f"must map each of {', '.join(IMAGE_KEYS)} to a tag", "images")
+    images = alga.section("images")
     tags = {}
     for key in IMAGE_KEYS:
-        tag = images.get(key)
+        tag = images.raw(key)
         if tag is None or tag == "":
-            raise _fail(source, f"images.{key}", "needs a pinned image tag")
+            images.fail("needs a pinned image tag", key)
         if not isinstance(tag, str):
             # YAML already turned it into a number or boolean (`010` is 8): ask for quotes.
-            raise _fail(source, f"images.{key}", f"{tag!r} must be a string; quote the tag")
+            images.fail(f"{tag!r} must be a string; quote the tag", key)
         if tag == "latest":
-            raise _fail(
-                source,
-                f"images.{key}",
+            images.fail(
                 "'latest' is refused: pin the release's tag so a restart never changes what runs",
+                key,
             )
         if not TAG.fullmatch(tag):
-            raise _fail(source, f"images.{key}", f"{tag!r} is not a valid image tag")
+            images.fail(f"{safe_yaml.shown(tag)} is not a valid image tag", key)
         tags[key] = tag
+    images.close()
     return tags
 
 
-def _release(alga: dict[str, Any], source: str) -> dict[str, str]:
-    release = alga.get("release")
-    if not isinstance(release, dict):
-        raise _fail(source, "release", "must set version, channel, appVersion and branch")
-    unknown = sorted(map(str, set(release) - {"version", "channel", "appVersion", "branch"}))
-    if unknown:
-        raise _fail(
-            source,
-            f"release.{unknown[0]}",
-            "unknown field (known fields here: appVersion, branch, channel, version)",
-        )
-    return {
-        k: str(_string(release, k, source, "release."))
-        for k in ("version", "channel", "appVersion", "branch")
-    }
+def _release(release: Section, given: bool) -> dict[str, str]:
+    if not given:
+        release.fail("must set version, channel, appVersion and branch")
+    out = {k: release.text(k) for k in ("version", "channel", "appVersion", "branch")}
+    release.close()
+    return out
 
 
-def _secrets(alga: dict[str, Any], source: str, base_dir: Path) -> list[dict[str, Any]]:
+def _secrets(given: Section) -> list[dict[str, Any]]:
     """The two generated Secrets; a site may supply either value from a file instead."""
-    given = {} if alga.get("secrets") is None else alga["secrets"]
-    if not isinstance(given, dict) or set(given) - {"statusTokenFile", "authKeyFile"}:
-        raise _fail(source, "secrets", "may set only statusTokenFile and authKeyFile")
-    for field, value in given.items():
-        if value is not None and not isinstance(value, str):
-            raise _fail(source, f"secrets.{field}", "must be a file path")
 
     def key(field: str) -> dict[str, Any]:
-        if given.get(field):
-            return {"file": str(base_dir / given[field])}
-        return {"generate": {"bytes": 32}}
+        file = given.file(field, required=False)
+        return {"generate": {"bytes": 32}} if file is None else {"file": str(file)}
 
-    return [
+    secrets = [
         {
             "namespace": "appliance-system",
             "name": "appliance-status-auth",
@@ -363,6 +296,8 @@ def _secrets(alga: dict[str, Any], source: str, base_dir: Path) -> list[dict[str
             "keys": {"ALGA_AUTH_KEY": key("authKeyFile")},
         },
     ]
+    given.close()
+    return secrets
 
 
 def component_site_values(
@@ -447,18 +382,15 @@ def release_selection(release: dict[str, str], tags: dict[str, str], owned: bool
     }
 
 
-def _values_dir(alga: dict[str, Any], source: str, base_dir: Path) -> Path:
-    raw = alga.get("valuesDir")
-    if not isinstance(raw, str) or not raw or "\x00" in raw:
-        raise _fail(
-            source,
-            "valuesDir",
-            "base mode needs the directory holding the six "
-            f"<component>.{PROFILE}.yaml values files",
-        )
-    path = Path(raw) if Path(raw).is_absolute() else base_dir / raw
+def _values_dir(alga: Section) -> Path:
+    raw = alga.text(
+        "valuesDir",
+        hint=f"base mode needs the directory holding the six <component>.{PROFILE}.yaml "
+        "values files",
+    )
+    path = Path(raw) if Path(raw).is_absolute() else alga.base_dir / raw
     if not path.is_dir():
-        raise _fail(source, "valuesDir", f"directory {str(path)!r} does not exist")
+        alga.fail(f"directory {str(path)!r} does not exist", "valuesDir")
     return path
 
 
@@ -566,3 +498,6 @@ def root_patches(
             }
         )
     return patches
+
+
+register_section("alga", expand)
