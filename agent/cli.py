@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args, started)
     except BootstrapError as err:
         message = log.redact(str(err))
-        if args.command == "run":
+        # Bad input is the one line below and nothing else; a failed run logs it too, so
+        # that its log (Talos's service log) ends with the exit code.
+        if args.command == "run" and err.exit_code != EXIT_BAD_INPUT:
             log.get("run").error(
                 "run failed",
                 error=message,

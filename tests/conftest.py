@@ -40,6 +40,10 @@ class Result:
         error a failed run ends with is no event."""
         return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
 
+    def messages(self) -> list[str]:
+        """What stderr holds besides the log: the one-line error, if any."""
+        return [line for line in self.stderr.splitlines() if not line.startswith("{")]
+
 
 def agent_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "ALGA_BOOTSTRAP_CONFIG")}

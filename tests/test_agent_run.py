@@ -261,7 +261,7 @@ def test_source_failure_stops_early_with_fluxs_message(kubesim: KubeSim, config:
     assert result.code == 1
     assert time.monotonic() - started < 20  # stopped early, not at the deadline
     assert "repository not found" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.messages()) == 1
     assert record(kubesim)["result"] == "failed"
 
 
@@ -377,7 +377,7 @@ def test_version_validate_and_help() -> None:
     for line in ("0  done", "2  bad config", "3  needs an operator decision"):
         assert line in help_text.stdout
     usage = run_agent("run", "--timeout", "soon")
-    assert usage.code == 2 and "is not a duration" in usage.stderr
+    assert usage.code == 2 and "is not valid; use a Go duration" in usage.stderr
     assert "Traceback" not in usage.output
 
 

@@ -531,7 +531,7 @@ def test_a_renamed_child_kustomization_fails_the_run(kubesim: KubeSim, write_con
 
     result = run_against(kubesim, write_config, edited("alga-core", rename))
     assert result.code == 1, result.output
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.messages()) == 1
     assert (
         "Kustomization flux-system/alga-core missing at commit "
         "26bb86fa3aade6d4e4289db3a71f8803ed4ff144: upstream renamed or removed it"

@@ -138,6 +138,27 @@ CORPUS: list[tuple[str, Any, str]] = [
     ),
     ("alga-base-without-values", with_("alga.mode", "base", ALGA), "alga.valuesDir"),
     ("alga-unknown-mode", with_("alga.mode", "kustomize", ALGA), "alga.mode: 'kustomize'"),
+    # The preset reads its section with the config's own reader: the same paths and fixes.
+    (
+        "alga-unknown-field",
+        with_("alga.mood", "calm", ALGA),
+        "alga.mood: unknown field (known fields here: appUrl, host, images, mode, release,",
+    ),
+    (
+        "alga-secrets-unknown-field",
+        with_("alga.secrets", {"tokenFile": "id"}, ALGA),
+        "alga.secrets.tokenFile: unknown field (known fields here: authKeyFile, statusTokenFile)",
+    ),
+    (
+        "alga-secret-file-missing",
+        with_("alga.secrets", {"authKeyFile": "no-such-file"}, ALGA),
+        "alga.secrets.authKeyFile: file ",
+    ),
+    (
+        "alga-release-empty-version",
+        with_("alga.release.version", "", ALGA),
+        "alga.release.version: must be a non-empty string",
+    ),
 ]
 
 
@@ -150,7 +171,7 @@ def test_bad_config_is_rejected_before_touching_the_cluster(
     path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
     result = run_agent(*fast_run_args(path, kubesim.kubeconfig_path))
     assert result.code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = result.messages()  # besides the run's log, if it started
     assert len(lines) == 1, result.stderr
     assert message in lines[0], lines[0]
     assert "Traceback" not in result.output
