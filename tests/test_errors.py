@@ -28,7 +28,7 @@ def write_kubeconfig(path: Path, kubeconfig: dict[str, Any]) -> Path:
 
 
 def error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.splitlines() if not line.startswith("{")]  # not the log
     assert len(lines) == 1, stderr
     assert lines[0].startswith("alga-bootstrap: error: ")
     return lines[0]

@@ -368,9 +368,9 @@ def test_sigterm_and_sigint_stop_at_a_safe_point(
         assert stop.agent is not None and stop.agent.result is not None
         result, what = stop.agent.result, f"{stop.point}, {stop.signum.name}"
         assert result.code == 128 + stop.signum, (what, result.output)
-        assert result.stderr.strip() == (
+        assert result.messages() == [
             f"alga-bootstrap: stopped by {stop.signum.name}; re-run to finish"
-        ), what
+        ], what
         final = result.events()[-1]
         assert final["event"] == "run stopped" and final["exit_code"] == result.code, what
         assert os.listdir(stop.agent.tmpdir) == [], what
