@@ -1,12 +1,28 @@
-"""Field paths of JSON-like objects, as server-side apply tracks ownership.
+"""Field paths of JSON-like objects, as server-side apply tracks ownership and merges.
 
-A path is a tuple of map keys. Lists are atomic: a list is one leaf, owned whole.
+A path is a tuple of map keys and list items. As in sigs.k8s.io/structured-merge-diff (which
+kube-apiserver's field manager uses), a list's schema decides how it is owned and merged
+(typed/merge.go, mergingWalker.visitListItems; fieldpath/pathelement.go):
+`x-kubernetes-list-type: map` lists are keyed by their `x-kubernetes-list-map-keys` (an item
+is the element `k:{"name":"x"}`; a key field missing from an item takes its schema default,
+as for a container port's protocol), `set` lists by value (`v:"a"`), and any other list
+(`atomic`, or no schema) is one leaf, owned and replaced whole. A map marked
+`x-kubernetes-map-type: atomic` is one leaf too. `schema` None means an object the simulator
+has no schema for: its maps are granular, its lists atomic.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
+
+Schema = dict[str, Any] | None
+
+
+class Item(str):
+    """A path element naming a list item, `k:{...}` or `v:...`, as fieldsV1 spells it."""
+
 
 Path = tuple[str, ...]
 
@@ -24,71 +40,189 @@ _UNOWNED_METADATA = {
 }
 
 
-def leaf_paths(obj: dict[str, Any]) -> set[Path]:
-    """Every leaf path a manager would own by sending `obj` (an applied configuration)."""
+def child(schema: Schema, key: str) -> Schema:
+    if not schema:
+        return None
+    props = schema.get("properties", {})
+    if key in props:
+        known: Schema = props[key]
+        return known or None
+    extra = schema.get("additionalProperties")
+    return extra if isinstance(extra, dict) else None
+
+
+def _list_type(schema: Schema) -> str:
+    return (schema or {}).get("x-kubernetes-list-type", "atomic")
+
+
+def _atomic_map(schema: Schema) -> bool:
+    return (schema or {}).get("x-kubernetes-map-type") == "atomic"
+
+
+def _items(schema: Schema) -> Schema:
+    items = (schema or {}).get("items")
+    return items if isinstance(items, dict) else None
+
+
+def item_element(schema: Schema, item: Any) -> Item:
+    """The path element of `item` in a list with `schema` (a map or set list)."""
+    if _list_type(schema) == "set" or not isinstance(item, dict):
+        return Item("v:" + json.dumps(item, sort_keys=True, separators=(",", ":")))
+    item_schema = _items(schema)
+    key = {}
+    for name in (schema or {}).get("x-kubernetes-list-map-keys", []):
+        value = item.get(name, (child(item_schema, name) or {}).get("default"))
+        if value is not None:
+            key[name] = value
+    return Item("k:" + json.dumps(key, sort_keys=True, separators=(",", ":")))
+
+
+def leaf_paths(obj: dict[str, Any], schema: Schema = None, status: bool = False) -> set[Path]:
+    """Every path a manager would own by sending `obj` (an applied configuration); with
+    `status`, those of its status only."""
     out: set[Path] = set()
 
-    def walk(node: Any, prefix: Path) -> None:
-        if isinstance(node, dict) and node:
+    def walk(node: Any, node_schema: Schema, prefix: Path) -> None:
+        if isinstance(node, dict) and node and not _atomic_map(node_schema):
             for key, value in node.items():
-                walk(value, (*prefix, key))
+                walk(value, child(node_schema, key), (*prefix, key))
+        elif isinstance(node, list) and node and _list_type(node_schema) in ("map", "set"):
+            item_schema = _items(node_schema)
+            for item in node:
+                element = item_element(node_schema, item)
+                out.add((*prefix, element))
+                if isinstance(item, dict) and _list_type(node_schema) == "map":
+                    for key, value in item.items():
+                        walk(value, child(item_schema, key), (*prefix, element, key))
         else:
             out.add(prefix)
 
     for key, value in obj.items():
-        if key in ("apiVersion", "kind", "status"):
+        if key in ("apiVersion", "kind") or (key == "status") != status:
             continue
         if key == "metadata" and isinstance(value, dict):
+            meta_schema = child(schema, "metadata")
             for mkey, mvalue in value.items():
                 if mkey not in _UNOWNED_METADATA:
-                    walk(mvalue, ("metadata", mkey))
+                    walk(mvalue, child(meta_schema, mkey), ("metadata", mkey))
             continue
-        walk(value, (key,))
+        walk(value, child(schema, key), (key,))
     return out
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def get_path(obj: Any, path: Path) -> Any:
-    node = obj
+def _step(node: Any, node_schema: Schema, key: str) -> tuple[Any, Schema]:
+    if isinstance(key, Item):
+        if isinstance(node, list):
+            for item in node:
+                if item_element(node_schema, item) == key:
+                    return item, _items(node_schema)
+        return MISSING, None
+    if isinstance(node, dict) and key in node:
+        return node[key], child(node_schema, key)
+    return MISSING, None
+
+
+def get_path(obj: Any, path: Path, schema: Schema = None) -> Any:
+    node, node_schema = obj, schema
     for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return _MISSING
-        node = node[key]
+        node, node_schema = _step(node, node_schema, key)
+        if node is MISSING:
+            break
     return node
 
 
-def has_path(obj: Any, path: Path) -> bool:
-    return get_path(obj, path) is not _MISSING
+def has_path(obj: Any, path: Path, schema: Schema = None) -> bool:
+    return get_path(obj, path, schema) is not MISSING
 
 
-def delete_path(obj: dict[str, Any], path: Path) -> None:
-    """Remove a leaf and any maps left empty above it."""
-    parents: list[tuple[dict[str, Any], str]] = []
+def delete_path(obj: dict[str, Any], path: Path, schema: Schema = None) -> None:
+    """Remove a leaf (or a list item) and any maps or lists left empty above it."""
+    parents: list[tuple[Any, str, Schema]] = []
     node: Any = obj
+    node_schema = schema
     for key in path[:-1]:
-        if not isinstance(node, dict) or key not in node:
+        parents.append((node, key, node_schema))
+        node, node_schema = _step(node, node_schema, key)
+        if node is MISSING:
             return
-        parents.append((node, key))
-        node = node[key]
-    if isinstance(node, dict):
-        node.pop(path[-1], None)
-    for parent, key in reversed(parents):
-        if parent[key] == {}:
+    last = path[-1]
+    if isinstance(last, Item) and isinstance(node, list):
+        node[:] = [item for item in node if item_element(node_schema, item) != last]
+    elif isinstance(node, dict):
+        node.pop(last, None)
+    for parent, key, _ in reversed(parents):
+        if isinstance(key, Item) or not isinstance(parent, dict):
+            break
+        if parent.get(key) in ({}, []):
             del parent[key]
         else:
             break
 
 
-def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge maps; lists and scalars in `overlay` replace those in `base`."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+def merge(base: Any, overlay: Any, schema: Schema = None) -> Any:
+    """`overlay` merged into `base`: maps deep-merged, map and set lists merged by item, other
+    lists and scalars replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict) and overlay:
+        if _atomic_map(schema):
+            return copy.deepcopy(overlay)
+        out = copy.deepcopy(base)
+        for key, value in overlay.items():
+            out[key] = merge(out.get(key), value, child(schema, key))
+        return out
+    if isinstance(base, list) and isinstance(overlay, list) and _list_type(schema) != "atomic":
+        return _merge_items(base, overlay, schema)
+    return copy.deepcopy(overlay)
+
+
+def _merge_items(base: list[Any], overlay: list[Any], schema: Schema) -> list[Any]:
+    """Items of both, the shared ones merged, in an order that keeps the overlay's order of
+    shared items and each base-only item where it was (structured-merge-diff
+    typed/merge.go, mergingWalker.visitListItems)."""
+    item_schema = _items(schema)
+    left = [(item_element(schema, item), item) for item in base]
+    right = [(item_element(schema, item), item) for item in overlay]
+    left_items, right_items = dict(left), dict(right)
+    shared = [key for key, _ in right if key in left_items]
+    out: list[Any] = []
+    merged: set[str] = set()
+
+    def merge_item(key: Item) -> Any:
+        merged.add(key)
+        if key in left_items and _list_type(schema) == "map":
+            return merge(left_items[key], right_items[key], item_schema)
+        return copy.deepcopy(right_items[key])
+
+    li = ri = 0
+    while li < len(left) or ri < len(right):
+        if li < len(left) and ri < len(right):
+            lkey = left[li][0]
+            if lkey == right[ri][0]:
+                out.append(merge_item(lkey))
+                li, ri = li + 1, ri + 1
+                if shared and shared[0] == lkey:
+                    shared.pop(0)
+                continue
+            if lkey in right_items and shared and shared[0] != lkey:
+                li += 1
+                continue
+        if li < len(left):
+            lkey, litem = left[li]
+            if lkey not in right_items:
+                out.append(copy.deepcopy(litem))
+                li += 1
+                continue
+            if lkey in merged:
+                li += 1
+                continue
+        if ri < len(right):
+            rkey = right[ri][0]
+            out.append(merge_item(rkey))
+            ri += 1
+            if shared and shared[0] == rkey:
+                shared.pop(0)
     return out
 
 
@@ -105,9 +239,17 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-def changed_paths(old: dict[str, Any], new: dict[str, Any]) -> set[Path]:
-    """Leaf paths of `new` whose value differs from `old` (added or changed)."""
-    return {p for p in leaf_paths(new) if get_path(old, p) != get_path(new, p)}
+def changed_paths(old: dict[str, Any], new: dict[str, Any], schema: Schema = None) -> set[Path]:
+    """Paths of `new` whose value differs from `old` (added or changed); a list item counts
+    as changed only when it is new, its fields count for themselves."""
+    out = set()
+    for path in leaf_paths(new, schema):
+        if isinstance(path[-1], Item):
+            if not has_path(old, path, schema):
+                out.add(path)
+        elif get_path(old, path, schema) != get_path(new, path, schema):
+            out.add(path)
+    return out
 
 
 def to_fields_v1(paths: set[Path]) -> dict[str, Any]:
@@ -115,7 +257,9 @@ def to_fields_v1(paths: set[Path]) -> dict[str, Any]:
     for path in sorted(paths):
         node = root
         for key in path:
-            node = node.setdefault(f"f:{key}", {})
+            node = node.setdefault(key if isinstance(key, Item) else f"f:{key}", {})
+        if path[-1].startswith("k:") and isinstance(path[-1], Item):
+            node["."] = {}
     return root
 
 
@@ -123,17 +267,30 @@ def from_fields_v1(tree: dict[str, Any]) -> set[Path]:
     out: set[Path] = set()
 
     def walk(node: dict[str, Any], prefix: Path) -> None:
-        children = {k: v for k, v in node.items() if k.startswith("f:")}
+        if "." in node:
+            out.add(prefix)
+        children = {k: v for k, v in node.items() if k[:2] in ("f:", "k:", "v:")}
         if not children:
-            if prefix:
+            if prefix and "." not in node:
                 out.add(prefix)
             return
-        for key, child in children.items():
-            walk(child if isinstance(child, dict) else {}, (*prefix, key[2:]))
+        for key, value in children.items():
+            element = key[2:] if key.startswith("f:") else Item(key)
+            walk(value if isinstance(value, dict) else {}, (*prefix, element))
 
     walk(tree, ())
     return out
 
 
 def dotted(path: Path) -> str:
-    return "." + ".".join(path)
+    """A path as kube-apiserver's conflict messages write it: `.spec.containers[name="a"].image`."""
+    out = ""
+    for key in path:
+        if isinstance(key, Item) and key.startswith("k:"):
+            fields = json.loads(key[2:])
+            out += "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in fields.items()) + "]"
+        elif isinstance(key, Item):
+            out += f"[={key[2:]}]"
+        else:
+            out += "." + key
+    return out

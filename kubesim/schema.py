@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+from kubesim import quantity
+
 _TYPE_CHECKS = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
@@ -118,3 +120,63 @@ def _check(schema: dict[str, Any], value: Any, path: str, errors: list[str]) -> 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+_ROOT_KEYS = ("apiVersion", "kind", "metadata")
+
+
+def prune(schema: dict[str, Any], obj: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Drop, in place, the fields `schema` does not know, and canonicalise the resource
+    quantities it marks; the dropped fields' paths (`spec.foo`, `spec.items[0].bar`).
+
+    Follows the CRD pruning rules (k8s.io/apiextensions-apiserver
+    pkg/apiserver/schema/pruning/algorithm.go, Prune; docs "Extend the Kubernetes API with
+    CustomResourceDefinitions", "Field pruning"): a field not in `properties` is dropped unless
+    its object has x-kubernetes-preserve-unknown-fields or additionalProperties; apiVersion,
+    kind and metadata are kept at the root and in an x-kubernetes-embedded-resource, whose
+    metadata, like the root's, is pruned as an ObjectMeta (objectmeta/coerce.go). `meta` is
+    the schema of ObjectMeta.
+    """
+    unknown: list[str] = []
+    root = {k: v for k, v in schema.get("properties", {}).items() if k not in _ROOT_KEYS}
+    _prune_object({**schema, "properties": root}, obj, "", unknown, meta, resource=True)
+    return unknown
+
+
+def _prune(schema: dict[str, Any], value: Any, path: str, unknown: list[str], meta: Any) -> Any:
+    """`value` pruned (in place where it is a container) and canonicalised."""
+    if schema.get("x-kubesim-quantity"):
+        return quantity.canonical(value)
+    if isinstance(value, dict):
+        _prune_object(
+            schema, value, path, unknown, meta, schema.get("x-kubernetes-embedded-resource")
+        )
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            value[index] = _prune(schema["items"], item, f"{path}[{index}]", unknown, meta)
+    return value
+
+
+def _prune_object(
+    schema: dict[str, Any],
+    value: dict[str, Any],
+    path: str,
+    unknown: list[str],
+    meta: Any,
+    resource: Any,
+) -> None:
+    props = schema.get("properties", {})
+    extra = schema.get("additionalProperties")
+    keep_unknown = schema.get("x-kubernetes-preserve-unknown-fields") or extra is True
+    for key in list(value):
+        child_path = _join(path, key)
+        if resource and key in _ROOT_KEYS:
+            if key == "metadata" and isinstance(value[key], dict):
+                _prune_object(meta, value[key], child_path, unknown, meta, False)
+        elif key in props:
+            value[key] = _prune(props[key], value[key], child_path, unknown, meta)
+        elif isinstance(extra, dict):
+            value[key] = _prune(extra, value[key], child_path, unknown, meta)
+        elif not keep_unknown:
+            unknown.append(child_path)
+            del value[key]

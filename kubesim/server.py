@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 
 from kubesim.controllers import Controllers
 from kubesim.resources import api_group_list, api_resource_list
-from kubesim.store import ApiError, Store
+from kubesim.store import ApiError, FieldValidation, Store
 
 PUBLIC_PATHS = {"/readyz", "/livez", "/healthz", "/version"}
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's; Python's ssl has no name for it
@@ -553,21 +553,32 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
         body = self._body(raw, verb)
+        checks = FieldValidation(query.get("fieldValidation") or "Warn")
+        if checks.directive not in ("Strict", "Warn", "Ignore"):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"fieldValidation: Unsupported value: {json.dumps(checks.directive)}: "
+                'supported values: "Ignore", "Strict", "Warn"',
+            )
         if verb == "create":
-            return self._json(201, store.create(t, namespace, body, manager, dry_run))
+            obj = store.create(t, namespace, body, manager, dry_run, checks)
+            return self._json(201, obj, checks.warnings)
         if verb == "update":
-            return self._json(200, store.update(t, namespace, name, body, manager, sub, dry_run))
+            obj = store.update(t, namespace, name, body, manager, sub, dry_run, checks)
+            return self._json(200, obj, checks.warnings)
         if verb == "apply":
             force = query.get("force") in ("true", "1")
             existed = _exists(store, t, namespace, name)
             obj = store.apply(
-                t, namespace, name, body, query.get("fieldManager", ""), force, sub, dry_run
+                t, namespace, name, body, query.get("fieldManager", ""), force, sub, dry_run, checks
             )
-            return self._json(200 if existed else 201, obj)
+            return self._json(200 if existed else 201, obj, checks.warnings)
         ctype = self.headers.get("Content-Type", "")
         if "json-patch+json" in ctype:
             raise ApiError(415, "UnsupportedMediaType", f"kubesim does not serve {ctype}")
-        return self._json(200, store.merge_patch(t, namespace, name, body, manager, sub, dry_run))
+        obj = store.merge_patch(t, namespace, name, body, manager, sub, dry_run, checks)
+        return self._json(200, obj, checks.warnings)
 
     def _body(self, raw: bytes, verb: str) -> dict[str, Any]:
         try:
@@ -618,24 +629,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _json(self, code: int, body: dict[str, Any]) -> int:
-        return self._send(code, "application/json", json.dumps(body).encode())
+    def _json(self, code: int, body: dict[str, Any], warnings: list[str] | None = None) -> int:
+        # Each warning is one header, `299 - "<text>"` (k8s.io/apiserver
+        # pkg/endpoints/handlers/responsewriters/warning.go; RFC 7234 warn-code 299).
+        headers = [("Warning", f"299 - {json.dumps(w)}") for w in warnings or []]
+        return self._send(code, "application/json", json.dumps(body).encode(), headers)
 
     def _text(self, code: int, text: str) -> int:
         return self._send(code, "text/plain; charset=utf-8", text.encode())
 
     def _error(self, err: ApiError) -> int:
         data = json.dumps(err.status()).encode()
-        headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
+        headers = [("Retry-After", str(err.retry_after))] if err.retry_after is not None else []
         return self._send(err.code, "application/json", data, headers)
 
     def _send(
-        self, code: int, ctype: str, data: bytes, headers: dict[str, str] | None = None
+        self, code: int, ctype: str, data: bytes, headers: list[tuple[str, str]] | None = None
     ) -> int:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
+        for key, value in headers or []:
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)

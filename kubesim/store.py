@@ -10,15 +10,27 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from kubesim import fields, schema
+from kubesim import builtin, fields, schema
 from kubesim.resources import BUILTIN_TYPES, ResourceType, types_from_crd
 
 Obj = dict[str, Any]
 ManagerKey = tuple[str, str, str]  # (manager, operation, subresource)
 
 CRD_GROUP, CRD_PLURAL = "apiextensions.k8s.io", "customresourcedefinitions"
+
+
+@dataclass
+class FieldValidation:
+    """A write's `fieldValidation` directive and the warnings it collects for the answer's
+    Warning headers. The server's default is Warn (k8s.io/apiserver
+    pkg/endpoints/handlers/rest.go, fieldValidation; docs "Kubernetes API Concepts", "Field
+    validation"); writes the simulator makes itself ignore unknown fields."""
+
+    directive: str = "Ignore"
+    warnings: list[str] = field(default_factory=list)
 
 
 class ApiError(Exception):
@@ -211,15 +223,75 @@ class Store:
         timer.daemon = True
         timer.start()
 
-    def _normalise(self, t: ResourceType, obj: Obj) -> None:
+    @staticmethod
+    def schema_of(t: ResourceType) -> fields.Schema:
+        """The structural schema of a type: a CRD version's, or what kubesim knows of a
+        built-in kind's (kubesim/builtin.py)."""
+        return t.schema if t.schema is not None else builtin.SCHEMAS.get(t.kind)
+
+    def _prune(
+        self, t: ResourceType, obj: Obj, checks: FieldValidation, apply: bool = False
+    ) -> None:
+        """Drop the fields the type's schema does not know and canonicalise quantities, as
+        decoding does, honouring the fieldValidation directive."""
+        type_schema = self.schema_of(t)
+        if type_schema is None:
+            return
+        unknown = schema.prune(type_schema, obj, builtin.OBJECT_META)
+        if not unknown:
+            return
+        if checks.directive == "Strict" and apply:
+            # Server-side apply types the applied configuration against the schema
+            # (k8s.io/apiserver pkg/endpoints/handlers/fieldmanager, structuredmerge Apply:
+            # ObjectToTyped), which fails on the first field it does not declare.
+            meta = obj.get("metadata", {})
+            raise ApiError(
+                400,
+                "BadRequest",
+                "failed to create typed patch object "
+                f"({meta.get('namespace', '')}/{meta.get('name', '')}; "
+                f"{t.group}/{t.version}, Kind={t.kind}): "
+                f".{unknown[0]}: field not declared in schema",
+            )
+        if checks.directive == "Strict":
+            # The strict decoder lists every unknown field (k8s.io/apimachinery
+            # pkg/runtime/serializer/json, strict decoding; runtime.NewStrictDecodingError).
+            listed = ", ".join(f'unknown field "{path}"' for path in unknown)
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'{t.kind} in version "{t.version}" cannot be handled as a {t.kind}: '
+                f"strict decoding error: {listed}",
+            )
+        if checks.directive == "Warn":
+            checks.warnings.extend(f'unknown field "{path}"' for path in unknown)
+
+    def _normalise(self, t: ResourceType, obj: Obj, checks: FieldValidation) -> None:
+        """What the server does to an object it is about to store: decode (prune, canonical
+        quantities), convert, default."""
+        self._prune(t, obj, checks)
         if t.kind == "Secret" and "stringData" in obj:
+            # stringData is write-only: merged into data, its values winning, and not stored
+            # (pkg/apis/core/v1/conversion.go, Convert_v1_Secret_To_core_Secret).
             data = obj.setdefault("data", {})
             for key, value in obj.pop("stringData").items():
                 data[key] = base64.b64encode(str(value).encode()).decode()
+        if t.schema is None:
+            builtin.set_defaults(t.kind, obj)
 
     def create(
-        self, t: ResourceType, namespace: str, body: Obj, manager: str, dry_run: bool = False
+        self,
+        t: ResourceType,
+        namespace: str,
+        body: Obj,
+        manager: str,
+        dry_run: bool = False,
+        checks: FieldValidation | None = None,
+        applied: Obj | None = None,
     ) -> Obj:
+        """Create `body`; with `applied` (a server-side apply's configuration), that manager
+        owns the fields the configuration sets, else `manager` owns every field, defaults too
+        (the field manager sees the decoded, defaulted object)."""
         with self.lock:
             obj = copy.deepcopy(body)
             meta = obj.setdefault("metadata", {})
@@ -230,7 +302,7 @@ class Store:
             else:
                 meta.pop("namespace", None)
             self._check_namespace(t, namespace)
-            self._normalise(t, obj)
+            self._normalise(t, obj, checks or FieldValidation())
             self._validate(t, obj)
             if (namespace if t.namespaced else "", meta["name"]) in self._bucket(t):
                 raise ApiError(
@@ -239,9 +311,12 @@ class Store:
             if t.has_status and t.kind != "Node":
                 obj.pop("status", None)
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
-            meta["managedFields"] = _managed_entries(
-                {(manager, "Update", ""): fields.leaf_paths(obj)}, {}, t.group_version
+            owned = (
+                {(manager, "Update", ""): fields.leaf_paths(obj, self.schema_of(t))}
+                if applied is None
+                else {(manager, "Apply", ""): fields.leaf_paths(applied, self.schema_of(t))}
             )
+            meta["managedFields"] = _managed_entries(owned, {}, t.group_version)
             self._on_create(t, obj)
             return self._present(t, obj) if dry_run else self._commit(t, "ADDED", obj)
 
@@ -268,6 +343,7 @@ class Store:
         manager: str,
         subresource: str = "",
         dry_run: bool = False,
+        checks: FieldValidation | None = None,
     ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
@@ -281,7 +357,7 @@ class Store:
                     "latest version and try again",
                 )
             return self._replace(
-                t, live, copy.deepcopy(body), manager, "Update", subresource, dry_run
+                t, live, copy.deepcopy(body), manager, "Update", subresource, dry_run, checks
             )
 
     def merge_patch(
@@ -293,12 +369,12 @@ class Store:
         manager: str,
         subresource: str = "",
         dry_run: bool = False,
+        checks: FieldValidation | None = None,
     ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
-            return self._replace(
-                t, live, fields.merge_patch(live, patch), manager, "Update", subresource, dry_run
-            )
+            new = fields.merge_patch(live, patch)
+            return self._replace(t, live, new, manager, "Update", subresource, dry_run, checks)
 
     def _live(self, t: ResourceType, namespace: str, name: str) -> Obj:
         self._check_namespace(t, namespace)
@@ -316,10 +392,11 @@ class Store:
         operation: str,
         subresource: str,
         dry_run: bool,
+        checks: FieldValidation | None = None,
         entries: dict[ManagerKey, set[fields.Path]] | None = None,
     ) -> Obj:
         """Store `new` in place of `live`, keeping what the write may not change."""
-        self._normalise(t, new)
+        self._normalise(t, new, checks or FieldValidation())
         new["apiVersion"], new["kind"] = live.get("apiVersion"), live.get("kind")
         live_meta = live["metadata"]
         if subresource == "status":
@@ -338,8 +415,9 @@ class Store:
         self._validate(t, new)
         if entries is None:
             entries = _parse_managed(live_meta.get("managedFields", []))
-            changed = fields.changed_paths(live, new)
-            removed = fields.leaf_paths(live) - fields.leaf_paths(new)
+            type_schema = self.schema_of(t)
+            changed = fields.changed_paths(live, new, type_schema)
+            removed = fields.leaf_paths(live, type_schema) - fields.leaf_paths(new, type_schema)
             for key in list(entries):
                 entries[key] -= changed | removed
             if changed:
@@ -385,7 +463,9 @@ class Store:
         force: bool,
         subresource: str = "",
         dry_run: bool = False,
+        checks: FieldValidation | None = None,
     ) -> Obj:
+        checks = checks or FieldValidation()
         if not manager:
             raise ApiError(
                 422,
@@ -410,23 +490,22 @@ class Store:
             )
         with self.lock:
             self._check_namespace(t, namespace)
+            config = copy.deepcopy(config)
+            config.setdefault("metadata", {}).setdefault("name", name)
+            if t.namespaced:
+                config["metadata"]["namespace"] = namespace
+            # Fields the schema does not know are not applied (nor owned).
+            self._prune(t, config, checks, apply=True)
             live = self._bucket(t).get((namespace if t.namespaced else "", name))
             if live is None:
                 if subresource:
                     raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
-                body = copy.deepcopy(config)
-                body.setdefault("metadata", {})["name"] = name
-                created = self.create(t, namespace, body, manager, dry_run=True)
-                created["metadata"]["managedFields"] = _managed_entries(
-                    {(manager, "Apply", ""): fields.leaf_paths(_strip_status(config, t))},
-                    {},
-                    t.group_version,
-                )
-                if dry_run:
-                    return created
-                stored = copy.deepcopy(created)
-                return self._commit(t, "ADDED", stored)
-            return self._apply_existing(t, live, config, manager, force, subresource, dry_run)
+                applied = _strip_status(config, t)
+                created = self.create(t, namespace, config, manager, True, checks, applied)
+                return created if dry_run else self._commit(t, "ADDED", created)
+            return self._apply_existing(
+                t, live, config, manager, force, subresource, dry_run, checks
+            )
 
     def _apply_existing(
         self,
@@ -437,20 +516,25 @@ class Store:
         force: bool,
         subresource: str,
         dry_run: bool,
+        checks: FieldValidation,
     ) -> Obj:
+        type_schema = self.schema_of(t)
         if subresource == "status":
             applied = {"status": config.get("status", {})}
-            paths = fields.leaf_paths({"x": applied["status"]})
-            paths = {("status", *p[1:]) for p in paths}
+            paths = fields.leaf_paths(applied, type_schema, status=True)
         else:
             applied = _strip_status(config, t)
-            paths = fields.leaf_paths(applied)
+            paths = fields.leaf_paths(applied, type_schema)
         entries = _parse_managed(live["metadata"].get("managedFields", []))
         own = (manager, "Apply", subresource)
         conflicts: list[tuple[str, fields.Path]] = []
         for path in sorted(paths):
-            live_value = fields.get_path(live, path)
-            if not fields.has_path(live, path) or live_value == fields.get_path(applied, path):
+            if isinstance(path[-1], fields.Item):
+                continue  # a list item both have: its fields may conflict, not the item
+            live_value = fields.get_path(live, path, type_schema)
+            if live_value is fields.MISSING or live_value == fields.get_path(
+                applied, path, type_schema
+            ):
                 continue
             for key, owned in entries.items():
                 if key != own and key[2] == subresource and path in owned:
@@ -464,14 +548,14 @@ class Store:
                 if key != own:
                     entries[key].discard(path)
         base = copy.deepcopy(live)
-        for path in entries.get(own, set()) - paths:
+        for path in sorted(entries.get(own, set()) - paths):
             if not any(path in owned for key, owned in entries.items() if key != own):
-                fields.delete_path(base, path)
+                fields.delete_path(base, path, type_schema)
         entries[own] = paths
-        new = fields.merge(base, applied)
+        new = fields.merge(base, applied, type_schema)
         if subresource != "status" and t.has_status:
             new["status"] = copy.deepcopy(live.get("status", {}))
-        return self._replace(t, live, new, manager, "Apply", subresource, dry_run, entries)
+        return self._replace(t, live, new, manager, "Apply", subresource, dry_run, checks, entries)
 
     def delete(self, t: ResourceType, namespace: str, name: str) -> Obj:
         with self.lock:
