@@ -267,6 +267,10 @@ def set_defaults(kind: str, obj: dict[str, Any]) -> None:
         _deployment(obj.setdefault("spec", {}))
     elif kind == "Service":
         _service(obj.setdefault("spec", {}))
+    elif kind == "Namespace":
+        # core/v1 defaults.go, SetDefaults_Namespace.
+        labels = obj.setdefault("metadata", {}).setdefault("labels", {})
+        labels["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
     elif kind == "Secret":
         obj.setdefault("type", "Opaque")  # core/v1 defaults.go, SetDefaults_Secret
     elif kind == "PersistentVolumeClaim":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Any
@@ -180,3 +181,34 @@ def _prune_object(
         elif not keep_unknown:
             unknown.append(child_path)
             del value[key]
+
+
+def apply_defaults(schema: dict[str, Any], obj: dict[str, Any]) -> None:
+    """Fill in, in place, each missing property that has a `default`, in every object present
+    (k8s.io/apiextensions-apiserver pkg/apiserver/schema/defaulting/algorithm.go, Default;
+    docs "Extend the Kubernetes API with CustomResourceDefinitions", "Defaulting"). The
+    server defaults on write and on every read from storage, so a status a write dropped comes
+    back with its default (Flux's `status: {observedGeneration: -1}`)."""
+    props = {k: v for k, v in schema.get("properties", {}).items() if k != "metadata"}
+    _default_object({**schema, "properties": props}, obj)
+
+
+def _default(schema: dict[str, Any], value: Any) -> None:
+    if isinstance(value, dict):
+        _default_object(schema, value)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _default(schema["items"], item)
+
+
+def _default_object(schema: dict[str, Any], value: dict[str, Any]) -> None:
+    props = schema.get("properties", {})
+    for key, prop in props.items():
+        if key not in value and "default" in prop:
+            value[key] = copy.deepcopy(prop["default"])
+    extra = schema.get("additionalProperties")
+    for key, child in value.items():
+        if key in props:
+            _default(props[key], child)
+        elif isinstance(extra, dict):
+            _default(extra, child)

@@ -279,6 +279,11 @@ class Store:
         if t.schema is None:
             builtin.set_defaults(t.kind, obj)
 
+    @staticmethod
+    def _default_custom(t: ResourceType, obj: Obj) -> None:
+        if t.schema is not None:
+            schema.apply_defaults(t.schema, obj)
+
     def create(
         self,
         t: ResourceType,
@@ -310,6 +315,7 @@ class Store:
                 )
             if t.has_status and t.kind != "Node":
                 obj.pop("status", None)
+            self._default_custom(t, obj)
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
             owned = (
                 {(manager, "Update", ""): fields.leaf_paths(obj, self.schema_of(t))}
@@ -322,7 +328,11 @@ class Store:
 
     def _on_create(self, t: ResourceType, obj: Obj) -> None:
         if t.kind == "Namespace":
+            # pkg/registry/core/namespace/strategy.go, PrepareForCreate.
             obj.setdefault("status", {})["phase"] = "Active"
+            finalizers = obj.setdefault("spec", {}).setdefault("finalizers", [])
+            if "kubernetes" not in finalizers:
+                finalizers.append("kubernetes")
         if t.plural == CRD_PLURAL and t.group == CRD_GROUP:
             obj["status"] = {
                 "acceptedNames": obj.get("spec", {}).get("names", {}),
@@ -412,6 +422,7 @@ class Store:
                 new["status"] = copy.deepcopy(live.get("status", {}))
                 if not new["status"]:
                     new.pop("status")
+        self._default_custom(t, new)
         self._validate(t, new)
         if entries is None:
             entries = _parse_managed(live_meta.get("managedFields", []))

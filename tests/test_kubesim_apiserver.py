@@ -533,3 +533,34 @@ def test_warning_headers_reach_kubectl(kubesim: KubeSim, tmp_path: Path) -> None
     warned = kubectl(kubesim, "apply", "--server-side", "--validate=warn", "-f", str(manifest))
     assert warned.returncode == 0, warned.stderr
     assert 'unknown field "dta"' in warned.stderr
+
+
+def test_custom_resources_get_their_schema_defaults(kubesim: KubeSim) -> None:
+    docs = [d for d in yaml.safe_load_all(BUNDLE.read_text()) if d]
+    crd = next(
+        d for d in docs if d["metadata"]["name"] == "gitrepositories.source.toolkit.fluxcd.io"
+    )
+    kubesim.put(crd)
+    repo = {
+        "apiVersion": "source.toolkit.fluxcd.io/v1",
+        "kind": "GitRepository",
+        "metadata": {"name": "r", "namespace": "default"},
+        "spec": {"url": "https://git.example/r.git", "interval": "1m"},
+    }
+    with client(kubesim) as c:
+        dry = apply(c, path_of(kubesim, repo), repo, "m", dryRun="All").json()
+        live = apply(c, path_of(kubesim, repo), repo, "m").json()
+    assert comparable(dry) == comparable(live)
+    assert live["spec"]["timeout"] == "60s"
+    # A status the create dropped comes back with its default, as the real server reads it.
+    assert live["status"] == {"observedGeneration": -1}
+    owned = live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]
+    assert "f:timeout" not in owned
+
+
+def test_namespaces_get_their_name_label_and_finalizer(kubesim: KubeSim) -> None:
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}}
+    with client(kubesim) as c:
+        created = c.post("/api/v1/namespaces", json=ns).json()
+    assert created["metadata"]["labels"] == {"kubernetes.io/metadata.name": "team"}
+    assert created["spec"] == {"finalizers": ["kubernetes"]}
