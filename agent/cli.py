@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, interrupt, log, output
 from agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, duration_seconds
@@ -19,6 +19,9 @@ from agent.errors import (
     BootstrapError,
     ConfigError,
 )
+
+if TYPE_CHECKING:
+    from agent.step import StepReport
 
 
 def parse_duration(text: str) -> float:
@@ -316,16 +319,17 @@ def _dispatch(args: argparse.Namespace, started: float) -> int:
     return EXIT_OK
 
 
-def _print_plan(results: list[Any]) -> None:
-    lines = [line for r in results for line in r.changes]
-    writes = [line for line in lines if line.startswith("would ")]
+def _print_plan(reports: list[StepReport]) -> None:
+    """The dry run's ChangeSets: what a real run would write, and what it would leave alone."""
+    entries = [change for report in reports for change in report.changes]
+    writes = sum(1 for change in entries if change.action.writes)
     print(
-        f"dry run: {len(writes)} to create or change, {len(lines) - len(writes)} left alone; "
+        f"dry run: {writes} to create or change, {len(entries) - writes} left alone; "
         "nothing was written"
     )
-    for result in results:
-        for line in result.changes:
-            print(f"  [{result.name}] {line}")
+    for report in reports:
+        for change in report.changes:
+            print(f"  [{report.name}] {change}")
 
 
 def _version(fmt: str) -> int:
@@ -357,7 +361,7 @@ def _version(fmt: str) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from agent import bundle as flux_bundle
     from agent import config as config_module
-    from agent.steps.seed_site import check_manifests
+    from agent.desired import check_manifests
 
     config = config_module.load(args.config)
     bundle = flux_bundle.load(args.flux_manifests or config.flux.manifests, config.flux.sha256)

@@ -13,6 +13,8 @@ from agent.config import (
     NamespaceSpec,
     SyncConfig,
 )
+from agent.errors import ConfigError
+from agent.kube import Kind, placement_problem
 
 Obj = dict[str, Any]
 MANAGED_BY = {"app.kubernetes.io/managed-by": "alga-bootstrap"}
@@ -135,3 +137,24 @@ def run_record(namespace_name: str, name: str, record_json: str) -> Obj:
         "metadata": _meta(name, namespace_name),
         "data": {"run.json": record_json},
     }
+
+
+def check_manifests(config: Config, kinds: dict[tuple[str, str], Kind]) -> None:
+    """Before the first request: every prerequisite object, and every marker, is of a kind
+    the agent can write (built in, or a CRD of the Flux bundle)."""
+    for i, manifest in enumerate(config.site.manifests):
+        for number, obj in enumerate(manifest.objects, 1):
+            problem = placement_problem(obj, kinds)
+            if problem:
+                raise ConfigError(
+                    f"{config.source}: site.manifests[{i}].file: {manifest.file}: "
+                    f"document {number}: {problem}"
+                )
+        if manifest.skip_if_exists:
+            api_version, kind, namespace, name = manifest.skip_if_exists
+            meta = {"name": name, "namespace": namespace}
+            problem = placement_problem(
+                {"apiVersion": api_version, "kind": kind, "metadata": meta}, kinds
+            )
+            if problem:
+                raise ConfigError(f"{config.source}: site.manifests[{i}].skipIfExists: {problem}")

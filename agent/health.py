@@ -10,6 +10,7 @@ Reconciling means in progress), with the per-condition observedGeneration Flux s
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ STALLED, SUSPENDED, MISSING = "stalled", "suspended", "missing"
 CRD_API = "apiextensions.k8s.io/v1"
 PROBE_CRD = "gitrepositories.source.toolkit.fluxcd.io"  # Flux is installed if this is
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+OUR_MANAGERS = {"flux", "alga-bootstrap"}  # its values meaning Flux itself, or us
 SOURCE_KINDS = {"GitRepository", "OCIRepository", "HelmRepository", "Bucket", "HelmChart"}
 # Ready=False reasons that mean an attempt failed, not that it is under way (fluxcd/pkg
 # apis/meta/conditions.go; kustomize-controller internal/controller/
@@ -228,3 +230,9 @@ def installed_flux(kube: Kube) -> FluxInstallation | None:
         return None
     labels = found["metadata"].get("labels", {})
     return FluxInstallation(labels.get("app.kubernetes.io/version"), labels.get(MANAGED_BY_LABEL))
+
+
+def seconds_since(timestamp: str) -> float:
+    """Seconds from a Kubernetes timestamp (RFC 3339, UTC) to now; never negative."""
+    then = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return max((dt.datetime.now(dt.UTC) - then).total_seconds(), 0.0)

@@ -577,9 +577,9 @@ class Kube:
         return items
 
     # -- writes ------------------------------------------------------------------------------
-    # In dry-run mode every write is sent with dryRun=All: the server validates and answers
-    # as if, and nothing changes. `before_write` (the run's Lease) is called before a real
-    # write that is not the lease itself.
+    # In dry-run mode (or for one dry-run request) every write is sent with dryRun=All: the
+    # server validates and answers as if, and nothing changes. `before_write` (the run's
+    # Lease) is called before a real write that is not the lease itself.
 
     def _write(
         self,
@@ -589,8 +589,9 @@ class Kube:
         body: Any,
         content_type: str = "application/json",
         guarded: bool = True,
+        dry_run: bool = False,
     ) -> Any:
-        if self.dry_run:
+        if self.dry_run or dry_run:
             query = [*query, ("dryRun", "All")]
         elif guarded and self.before_write is not None:
             self.before_write()
@@ -603,10 +604,16 @@ class Kube:
             lease=not guarded,
         )
 
-    def apply(self, obj: Obj) -> Obj:
-        """Server-side apply as the agent's field manager, forced as `flux install` does."""
+    def apply(self, obj: Obj, dry_run: bool = False) -> Obj:
+        """Server-side apply as the agent's field manager, forced as `flux install` does.
+        `dry_run`: only ask what the object would become (not a write: no Lease needed)."""
         result: Obj = self._write(
-            "PATCH", self.path_of(obj), [("force", "true")], obj, "application/apply-patch+yaml"
+            "PATCH",
+            self.path_of(obj),
+            [("force", "true")],
+            obj,
+            "application/apply-patch+yaml",
+            dry_run=dry_run,
         )
         return result
 

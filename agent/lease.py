@@ -85,8 +85,10 @@ def active_holder(lease: Obj | None) -> str | None:
 
 
 class RunLease:
-    def __init__(self, kube: Kube, namespace: str, name: str, duration_s: int) -> None:
-        self.kube, self.namespace, self.name = kube, namespace, name
+    def __init__(self, kube: Kube, namespace: Obj, name: str, duration_s: int) -> None:
+        """`namespace`: the Namespace object it lives in, as the run would create it."""
+        self.kube, self.name = kube, name
+        self.namespace, self._namespace = namespace["metadata"]["name"], namespace
         self.duration_s = duration_s
         # Says where the run lives, so that a run on the same host can tell it died.
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{_boot_id()}-{uuid.uuid4().hex[:6]}"
@@ -142,10 +144,8 @@ class RunLease:
         except ApiError as err:
             if err.status != 404:  # 404: the namespace is not there yet
                 raise
-            self.kube.create(
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
-                guarded=False,
-            )
+            # As the site's namespaces are created: the run's later compare finds it as is.
+            self.kube.create(self._namespace, guarded=False)
             created = self.kube.create(self._lease(None, 0), guarded=False)
         if created is not None:
             self._live = created

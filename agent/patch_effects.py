@@ -12,8 +12,7 @@ from typing import Any
 
 import yaml
 
-from agent.converge import parallel
-from agent.drift import differences
+from agent.apply import parallel, unmet_fields
 from agent.health import condition, observed_current
 from agent.kube import Kube
 
@@ -131,7 +130,7 @@ def _missing(obj: Obj, body: Any) -> str:
     """What of the patch `obj` lacks: a field path, or '' when it carries all of it."""
     if isinstance(body, dict):  # strategic merge: the fields it sets
         fields = {k: v for k, v in body.items() if k not in ("apiVersion", "kind", "metadata")}
-        drifted = differences(fields, obj)
+        drifted = unmet_fields(fields, obj)
         return ", ".join(drifted)
     appended: dict[str, list[Any]] = {}
     for op in body:
@@ -140,14 +139,14 @@ def _missing(obj: Obj, body: Any) -> str:
         path = op["path"]
         if path.endswith("/-"):
             appended.setdefault(path[:-2], []).append(op["value"])
-        elif differences(op["value"], _at(obj, path)):
+        elif unmet_fields(op["value"], _at(obj, path)):
             return f"{path} differs"
-    # Compared as `differences` does: fields the server defaults are not differences.
+    # Compared as `unmet_fields` does: fields the server defaults are not differences.
     for path, values in appended.items():  # appended: last, in order (later entries win)
         node = _at(obj, path)
         tail = node[-len(values) :] if isinstance(node, list) else []
         if len(tail) != len(values) or any(
-            differences(v, t) for v, t in zip(values, tail, strict=True)
+            unmet_fields(v, t) for v, t in zip(values, tail, strict=True)
         ):
             return f"{path} does not end with the agent's entries"
     return ""

@@ -11,9 +11,7 @@ from pathlib import Path
 
 from agent import bundle as flux_bundle
 from agent import config as config_module
-from agent import log, talos
-from agent.context import RunContext
-from agent.converge import StepResult
+from agent import desired, log, talos
 from agent.credentials import from_machined, kubeconfig_paths
 from agent.errors import BootstrapError, ConfigError
 from agent.kube import (
@@ -24,16 +22,10 @@ from agent.kube import (
     tls_settings,
 )
 from agent.lease import LeaseWaited, RunLease
+from agent.step import Ledger, StepReport
 from agent.steps import create_sync, install_flux, preflight, record, seed_site, verify, wait_api
 
 _log = log.get("run")
-STEPS = (
-    ("preflight", preflight.check),
-    ("install-flux", install_flux.install),
-    ("seed-site", seed_site.seed),
-    ("create-sync", create_sync.create),
-    ("verify", verify.verify),
-)
 
 
 @dataclass(frozen=True)
@@ -120,7 +112,7 @@ def connect(
     return Kube(client_config, endpoint, source)
 
 
-def run(options: RunOptions) -> list[StepResult]:
+def run(options: RunOptions) -> list[StepReport]:
     """Raises BootstrapError (or a subclass) with the exit code on failure."""
     started_at, started = _now(), options.started or time.monotonic()
     deadline = started + options.timeout_s
@@ -135,7 +127,7 @@ def run(options: RunOptions) -> list[StepResult]:
         dry_run=options.dry_run,
     )
     bundle = flux_bundle.load(options.flux_manifests or config.flux.manifests, config.flux.sha256)
-    seed_site.check_manifests(config, bundle.kinds)  # all input refused before any request
+    desired.check_manifests(config, bundle.kinds)  # all input refused before any request
     _log.info("flux bundle", flux=bundle.version, sha256=bundle.sha256)
     try:
         kube = connect(config, options.kubeconfig, deadline, context=options.context)
@@ -148,36 +140,61 @@ def run(options: RunOptions) -> list[StepResult]:
     kube.dry_run = options.dry_run
     lease = None
     if not options.dry_run:
-        lease = RunLease(kube, config.record.namespace, config.lease.name, config.lease.duration_s)
+        home = next(
+            n
+            for n in desired.site_namespaces(config)
+            if n["metadata"]["name"] == config.record.namespace
+        )
+        lease = RunLease(kube, home, config.lease.name, config.lease.duration_s)
         kube.before_write = lease.before_write
-    ctx = RunContext(config, bundle, kube, deadline, force=options.force, dry_run=options.dry_run)
     try:
         try:
-            return _pass(ctx, started_at, started)
+            return _pass(kube, bundle, options, started_at, started, deadline)
         except LeaseWaited:
             # Another run held the lease: what this one read may be stale. Look again, now
             # holding the lease; usually the other run did everything.
             assert lease is not None
             lease.stale = False
             _log.info("the other run finished; checking again")
-            return _pass(ctx, started_at, started)
+            return _pass(kube, bundle, options, started_at, started, deadline)
     finally:
         if lease is not None:
             lease.release()
         kube.close()
 
 
-def _pass(ctx: RunContext, started_at: str, started: float) -> list[StepResult]:
+def _pass(
+    kube: Kube,
+    bundle: flux_bundle.FluxBundle,
+    options: RunOptions,
+    started_at: str,
+    started: float,
+    deadline: float,
+) -> list[StepReport]:
     """One look at the cluster: the steps, then the record."""
-    config, bundle, kube = ctx.config, ctx.bundle, ctx.kube
+    config = options.config
     digest = record.inputs_digest(config, bundle)
-    previous, results, error = _steps(ctx, digest)
-    if ctx.dry_run:
+    previous = record.load(kube, config)
+    # The last recorded run succeeded with these very inputs: steps may confirm health with
+    # a few reads instead of comparing every object.
+    trusted = bool(
+        not kube.dry_run
+        and previous
+        and previous.get("result") == "succeeded"
+        and previous.get("inputsDigest") == digest
+    )
+    ran = Ledger()
+    revision = None
+    error = None
+    try:
+        revision = _steps(ran, kube, bundle, options, deadline, trusted, previous)
+    except BootstrapError as err:
+        error = err
+    if kube.dry_run:
         if error is not None:
             raise error
-        return results
-    changed = any(r.changes for r in results)
-    revision = next((r.note for r in results if r.name == "verify" and r.note), None)
+        return ran.reports
+    changed = any(r.changes.writes for r in ran.reports)
     entry = record.build(
         config,
         bundle,
@@ -185,45 +202,53 @@ def _pass(ctx: RunContext, started_at: str, started: float) -> list[StepResult]:
         started_at,
         _now(),
         time.monotonic() - started,
-        results,
-        str(error) if error else None,
+        ran.reports,
         revision,
     )
     if error is not None:
-        entry["steps"][-1]["outcome"] = "failed"
         _record_best_effort(kube, config, entry, previous, changed)
         raise error
     record.save(kube, config, entry, previous, changed)
     _log.info(
         "done" if changed else "nothing to do",
         revision=revision,
-        changes=sum(len(r.changes) for r in results),
+        changes=sum(len(r.changes.writes) for r in ran.reports),
         seconds=round(time.monotonic() - started, 2),
     )
-    return results
+    return ran.reports
 
 
 def _steps(
-    ctx: RunContext, digest: str
-) -> tuple[dict[str, object] | None, list[StepResult], BootstrapError | None]:
-    """Run every step in order; stop at the first failure, and say which step it was."""
-    previous = record.load(ctx.kube, ctx.config)
-    ctx.trust_previous = bool(
-        not ctx.dry_run
-        and previous
-        and previous.get("result") == "succeeded"
-        and previous.get("inputsDigest") == digest
+    ran: Ledger,
+    kube: Kube,
+    bundle: flux_bundle.FluxBundle,
+    options: RunOptions,
+    deadline: float,
+    trusted: bool,
+    previous: dict[str, object] | None,
+) -> str | None:
+    """The boot, in order; each step's findings go into the next one's inputs. Returns the
+    revision Flux accepted (None in a dry run)."""
+    config = options.config
+    checked = ran(preflight.check, preflight.Inputs(kube, bundle, options.force))
+    ran(
+        install_flux.install,
+        install_flux.Inputs(
+            kube,
+            bundle,
+            deadline,
+            trusted,
+            checked.installed_flux_version,
+            checked.taking_over_from,
+        ),
     )
-    if ctx.trust_previous and previous:
-        ctx.previous_revision = str(previous.get("revision") or "") or None
-    results: list[StepResult] = []
-    for name, step in STEPS:
-        try:
-            results.append(step(ctx))
-        except BootstrapError as err:
-            results.append(StepResult(name, note=str(err)))
-            return previous, results, err
-    return previous, results, None
+    ran(seed_site.seed, seed_site.Inputs(kube, config, trusted))
+    sync = ran(create_sync.create, create_sync.Inputs(kube, config.sync, options.force, trusted))
+    trusted_revision = (str((previous or {}).get("revision") or "") or None) if trusted else None
+    verified = ran(
+        verify.verify, verify.Inputs(kube, config.sync, deadline, sync.live, trusted_revision)
+    )
+    return verified.revision
 
 
 def _record_best_effort(

@@ -16,7 +16,6 @@ import yaml
 from agent import bundle as flux_bundle
 from agent import config as config_module
 from agent import desired, health, interrupt, patch_effects
-from agent.converge import seconds_since
 from agent.errors import (
     EXIT_FAILED,
     EXIT_NOT_BOOTSTRAPPED,
@@ -25,6 +24,7 @@ from agent.errors import (
     BootstrapError,
     ConfigError,
 )
+from agent.health import seconds_since
 from agent.kube import FLUX_KINDS, Kube
 from agent.lease import active_holder
 from agent.output import document
@@ -464,10 +464,12 @@ def render_text(report: Obj, colour: bool) -> str:
         )
     last = report["lastRun"]
     if last:
-        changes = sum(len(s.get("changes", [])) for s in last.get("steps", []))
+        counts = record.change_counts(last)
+        by_action = ", ".join(f"{n} {a}" for a, n in counts.items() if a != "changed")
+        changes = f"{sum(counts.values())} changes" + (f" ({by_action})" if by_action else "")
         lines.append(
             f"  Last run     {last.get('result')} at {last.get('finishedAt')}, "
-            f"{changes} changes, revision {last.get('revision') or '-'}"
+            f"{changes}, revision {last.get('revision') or '-'}"
         )
         if last.get("error"):
             lines.append(f"               {last['error']}")

@@ -229,8 +229,10 @@ def test_dry_run_shows_changed_fields(kubesim: KubeSim, write_config: Any) -> No
     result = run_agent(*fast_run_args(changed, kubesim.kubeconfig_path, "--dry-run"))
     assert result.code == 0, result.output
     assert kubesim.writes() == []
-    assert "would update GitRepository/flux-system/appliance: .spec.ref.tag" in result.stdout
-    assert "would update Kustomization/flux-system/appliance: .spec.interval" in result.stdout
+    # The server's answer: the branch the agent owned goes, the tag comes.
+    repo = "would configure GitRepository/flux-system/appliance: .spec.ref.branch, .spec.ref.tag"
+    assert repo in result.stdout
+    assert "would configure Kustomization/flux-system/appliance: .spec.interval" in result.stdout
     assert "unchanged Deployment/flux-system/source-controller" in result.stdout
     assert "dry run: 2 to create or change" in result.stdout
 

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from agent import desired, log, patch_effects
-from agent.config import GitCredentials, url_without_secrets
-from agent.context import RunContext
-from agent.converge import StepResult, ensure, parallel
-from agent.drift import differences
+from agent.apply import Action, Change, ChangeSet, apply_all, parallel, unmet_fields
+from agent.config import GitCredentials, SyncConfig, url_without_secrets
 from agent.errors import ConfigError, NeedsDecision
+from agent.kube import Kube
 from agent.patches import guarded_path, has_foreign_entries
+from agent.step import StepResult, step
 
-_log = log.get("create-sync")
+NAME = "create-sync"
+_log = log.get(NAME)
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    kube: Kube
+    sync: SyncConfig
+    force: bool
+    trust_previous: bool  # the last run succeeded with these inputs: confirm, do not compare
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(StepResult):
+    # The live GitRepository and Kustomization as this step left them (either may be
+    # missing in a dry run): verify's first look, saving its first requests.
+    live: tuple[Obj | None, Obj | None]
 
 
 def credentials_secret(credentials: GitCredentials, namespace: str) -> Obj:
@@ -29,25 +46,29 @@ def credentials_secret(credentials: GitCredentials, namespace: str) -> Obj:
     return desired.secret(namespace, credentials.secret_name, values)
 
 
-def create(ctx: RunContext) -> StepResult:
-    sync = ctx.config.sync
+@step(NAME)
+def create(ctx: Inputs) -> Result:
+    sync = ctx.sync
     wanted = [desired.git_repository(sync), desired.kustomization(sync)]
     if sync.credentials is not None:
         wanted.insert(0, credentials_secret(sync.credentials, sync.namespace))
     live = parallel(ctx.kube.get_like, wanted)
-    if live[-1] is None or differences(wanted[-1], live[-1]):
+    if live[-1] is None or unmet_fields(wanted[-1], live[-1]):
         wanted[-1] = desired.kustomization(sync, _shared_lists(ctx))
     _refuse_retargeting(ctx, wanted[-2], live[-2], wanted[-1], live[-1])
-    ctx.sync_objects = [o for o in live[-2:] if o is not None]
-    if all(o is not None and not differences(w, o) for w, o in zip(wanted, live, strict=True)):
-        return StepResult("create-sync", note=f"{sync.url} {sync.path} unchanged")
-    changes = ensure(ctx.kube, wanted, _log, live)
-    ctx.sync_objects = parallel(ctx.kube.get_like, wanted[-2:])  # type: ignore[arg-type]
-    return StepResult("create-sync", changes, f"{sync.url} {sync.path}")
+    if ctx.trust_previous and all(
+        o is not None and not unmet_fields(w, o) for w, o in zip(wanted, live, strict=True)
+    ):  # the trusted re-run: what the last run applied is still there, as written
+        unchanged = ChangeSet(tuple(Change.of(w, Action.UNCHANGED) for w in wanted))
+        return Result(changes=unchanged, note=f"{sync.url} {sync.path}", live=(live[-2], live[-1]))
+    changes = apply_all(ctx.kube, wanted, _log, live)
+    if changes.writes and not ctx.kube.dry_run:
+        live = parallel(ctx.kube.get_like, wanted[-2:])
+    return Result(changes=changes, note=f"{sync.url} {sync.path}", live=(live[-2], live[-1]))
 
 
 def _refuse_retargeting(
-    ctx: RunContext, repo: Obj, live_repo: Obj | None, ks: Obj, live_ks: Obj | None
+    ctx: Inputs, repo: Obj, live_repo: Obj | None, ks: Obj, live_ks: Obj | None
 ) -> None:
     """With prune on, pointing an existing sync elsewhere deletes the application."""
     if ctx.force:
@@ -55,7 +76,7 @@ def _refuse_retargeting(
     old_url = (live_repo or {}).get("spec", {}).get("url")
     if old_url and old_url != repo["spec"]["url"]:
         raise NeedsDecision(
-            f"GitRepository {ctx.config.sync.namespace}/{ctx.config.sync.name} syncs "
+            f"GitRepository {ctx.sync.namespace}/{ctx.sync.name} syncs "
             f"{url_without_secrets(old_url)}, the config says {repo['spec']['url']}; with "
             "prune on, a wrong source deletes the application. Fix sync.url, or re-run with "
             "--force"
@@ -63,17 +84,17 @@ def _refuse_retargeting(
     old_path = (live_ks or {}).get("spec", {}).get("path")
     if old_path and old_path != ks["spec"]["path"]:
         raise NeedsDecision(
-            f"Kustomization {ctx.config.sync.namespace}/{ctx.config.sync.name} applies path "
+            f"Kustomization {ctx.sync.namespace}/{ctx.sync.name} applies path "
             f"{old_path}, the config says {ks['spec']['path']}; with prune on, a wrong path "
             "deletes the application. Fix sync.path, or re-run with --force"
         )
 
 
-def _shared_lists(ctx: RunContext) -> frozenset[int]:
+def _shared_lists(ctx: Inputs) -> frozenset[int]:
     """The guarded patches whose target already shows entries that are not the agent's
     (upstream's own patches on a child Kustomization, say): those append instead."""
     out = set()
-    for i, patch in enumerate(ctx.config.sync.patches):
+    for i, patch in enumerate(ctx.sync.patches):
         path = guarded_path(patch)
         group = patch_effects.target_of(patch)
         if path is None or group is None:

@@ -2,50 +2,59 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from agent import health, log
-from agent.context import RunContext
-from agent.converge import (
-    StepResult,
-    describe,
-    ensure,
+from agent.apply import (
+    Action,
+    Change,
+    ChangeSet,
+    apply_staged,
+    done,
     fetch_live,
     parallel,
     wait_until,
 )
+from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
-from agent.health import CRD_API, MANAGED_BY_LABEL
-from agent.steps.preflight import OUR_MANAGERS
+from agent.health import CRD_API, MANAGED_BY_LABEL, OUR_MANAGERS
+from agent.kube import Kube
+from agent.step import StepResult, step
 
-_log = log.get("install-flux")
+NAME = "install-flux"
+_log = log.get(NAME)
 HELM_ANNOTATIONS = ("meta.helm.sh/release-name", "meta.helm.sh/release-namespace")
 Obj = dict[str, Any]
 
 
-def install(ctx: RunContext) -> StepResult:
+@dataclass(frozen=True)
+class Inputs:
+    kube: Kube
+    bundle: FluxBundle
+    deadline: float
+    trust_previous: bool  # the last run succeeded with these inputs: confirm, do not compare
+    installed_flux_version: str | None  # preflight's finding
+    taking_over_from: str | None  # preflight's finding (--force)
+
+
+@step(NAME)
+def install(ctx: Inputs) -> StepResult:
     kube, bundle = ctx.kube, ctx.bundle
     kube.register_crds(bundle.crds)
+    running = f"Flux {bundle.version} running"
     if ctx.trust_previous and not ctx.taking_over_from and _running(ctx):
-        return StepResult("install-flux", note=f"Flux {bundle.version} running")
+        return StepResult(note=running)
     first_stage = bundle.first_stage
     live = fetch_live(kube, first_stage)
     _refuse_dropping_stored_versions(ctx, first_stage, live)
     if ctx.installed_flux_version and ctx.installed_flux_version != bundle.version:
         _log.info("upgrading Flux", installed=ctx.installed_flux_version, bundled=bundle.version)
     # First, so that a forced run stopped midway still leaves the next boot free to finish.
-    changes = _take_over(ctx) if ctx.taking_over_from else []
-    changes += ensure(kube, first_stage, _log, live)
-    if ctx.dry_run:  # nothing was created: there is nothing to wait for
-        return StepResult("install-flux", changes + ensure(kube, bundle.second_stage, _log))
-    wait_until(
-        "the Flux CRDs to be Established",
-        lambda: _established(ctx),
-        ctx.deadline,
-        _log,
-        interval=1.0,
-    )
-    changes += ensure(kube, bundle.second_stage, _log)
+    changes = _take_over(ctx) if ctx.taking_over_from else ChangeSet()
+    changes += apply_staged(kube, first_stage, bundle.second_stage, _log, ctx.deadline, live)
+    if kube.dry_run:  # nothing was created: there is nothing to wait for
+        return StepResult(changes=changes)
     wait_until(
         "the Flux controllers to be Available",
         lambda: _available(ctx),
@@ -53,14 +62,14 @@ def install(ctx: RunContext) -> StepResult:
         _log,
         interval=1.0,
     )
-    _log.info("Flux running", version=bundle.version, changes=len(changes))
-    return StepResult("install-flux", changes, f"Flux {bundle.version} running")
+    _log.info("Flux running", version=bundle.version, changes=len(changes.writes))
+    return StepResult(changes=changes, note=running)
 
 
 def foreign_marks(obj: Obj) -> Obj | None:
     """A merge patch removing what marks `obj` as another tool's, or None. The marks: the
-    label flux2 reads to tell which tool installed Flux (fluxcd/flux2 cmd/flux/cluster_info.go,
-    getFluxClusterInfo; only "" and "flux" mean Flux itself, installManagedByFlux) and Helm's
+    label flux2 reads to tell which tool installed Flux (MANAGED_BY_LABEL; only "" and "flux"
+    mean Flux itself, fluxcd/flux2 installManagedByFlux) and Helm's
     release annotations (helm/helm pkg/action/validate.go, checkOwnership). The bundle carries
     none of them (its labels: instance, part-of, version), so removing them leaves exactly
     what the agent applied."""
@@ -75,20 +84,24 @@ def foreign_marks(obj: Obj) -> Obj | None:
     return {"metadata": patch} if patch else None
 
 
-def _take_over(ctx: RunContext) -> list[str]:
+def _take_over(ctx: Inputs) -> ChangeSet:
     """--force over another tool's Flux: the agent owns what it applies from now on, so the
     next (unforced) run does not refuse again."""
     live = [o for o in fetch_live(ctx.kube, list(ctx.bundle.objects)) if o is not None]
     todo = [(o, patch) for o in live if (patch := foreign_marks(o)) is not None]
 
-    def strip(item: tuple[Obj, Obj]) -> str:
+    def strip(item: tuple[Obj, Obj]) -> Change:
         obj, patch = item
         ctx.kube.merge_patch(obj, patch)
-        verb = "would take" if ctx.dry_run else "took"
-        return f"{verb} over {describe(obj)} from {ctx.taking_over_from}"
+        fields = [
+            f".metadata.{where}.{key}" for where, keys in patch["metadata"].items() for key in keys
+        ]
+        return Change.of(
+            obj, done(ctx.kube, Action.TAKEN_OVER), fields, f"from {ctx.taking_over_from}"
+        )
 
-    changes = parallel(strip, todo)
-    if not ctx.dry_run:
+    changes = ChangeSet(tuple(parallel(strip, todo)))
+    if not ctx.kube.dry_run:
         _log.info(
             f"took Flux over from {ctx.taking_over_from!r}: removed its ownership marks",
             objects=len(changes),
@@ -97,7 +110,7 @@ def _take_over(ctx: RunContext) -> list[str]:
 
 
 def _refuse_dropping_stored_versions(
-    ctx: RunContext, objects: list[dict[str, Any]], live: list[dict[str, Any] | None]
+    ctx: Inputs, objects: list[dict[str, Any]], live: list[dict[str, Any] | None]
 ) -> None:
     """An upgrade may not drop a CRD version objects are still stored in: they would
     become unreadable."""
@@ -118,14 +131,7 @@ def _refuse_dropping_stored_versions(
             )
 
 
-def _established(ctx: RunContext) -> bool | None:
-    wanted = {crd["metadata"]["name"] for crd in ctx.bundle.crds}
-    live = ctx.kube.list(CRD_API, "CustomResourceDefinition")
-    ready = {c["metadata"]["name"] for c in live if health.crd(c).state == health.READY}
-    return True if wanted <= ready else None
-
-
-def _available(ctx: RunContext) -> bool | None:
+def _available(ctx: Inputs) -> bool | None:
     namespaces = {d["metadata"]["namespace"] for d in ctx.bundle.deployments}
     live = {
         (d["metadata"]["namespace"], d["metadata"]["name"]): d
@@ -139,7 +145,7 @@ def _available(ctx: RunContext) -> bool | None:
     return True
 
 
-def _running(ctx: RunContext) -> bool:
+def _running(ctx: Inputs) -> bool:
     """Every CRD Established at the bundled version, every controller Available."""
     live = {c["metadata"]["name"]: c for c in ctx.kube.list(CRD_API, "CustomResourceDefinition")}
     for crd in ctx.bundle.crds:

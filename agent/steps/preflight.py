@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from agent import health, log
-from agent.context import RunContext
-from agent.converge import StepResult
+from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
-from agent.health import PROBE_CRD
+from agent.health import OUR_MANAGERS, PROBE_CRD
+from agent.kube import Kube
+from agent.step import StepResult, step
 
-_log = log.get("preflight")
-OUR_MANAGERS = {"flux", "alga-bootstrap"}
+NAME = "preflight"
+_log = log.get(NAME)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    kube: Kube
+    bundle: FluxBundle
+    force: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(StepResult):
+    installed_flux_version: str | None  # before this run; None when not installed
+    taking_over_from: str | None  # --force over a Flux another tool manages (its name)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
 
 
-def check(ctx: RunContext) -> StepResult:
+@step(NAME)
+def check(ctx: Inputs) -> Result:
     server = ctx.kube.version()
     major = int(re.sub(r"\D", "", str(server.get("major", "0"))) or 0)
     minor = int(re.sub(r"\D", "", str(server.get("minor", "0"))) or 0)
@@ -31,6 +47,7 @@ def check(ctx: RunContext) -> StepResult:
         )
     flux = health.installed_flux(ctx.kube)
     note = f"Kubernetes {server.get('gitVersion')}; Flux not installed"
+    installed = taking_over_from = None
     if flux is not None:
         manager = flux.managed_by
         if manager and manager.lower() not in OUR_MANAGERS:
@@ -41,9 +58,8 @@ def check(ctx: RunContext) -> StepResult:
                     "that installation, or re-run with --force to take ownership"
                 )
             _log.warning(f"taking over Flux from {manager!r} (--force)")
-            ctx.taking_over_from = manager
+            taking_over_from = manager
         installed = flux.version
-        ctx.installed_flux_version = installed
         if (
             installed
             and version_tuple(installed) > version_tuple(ctx.bundle.version)
@@ -58,7 +74,7 @@ def check(ctx: RunContext) -> StepResult:
     _log.info(
         "preflight passed",
         kubernetes=server.get("gitVersion"),
-        flux_installed=ctx.installed_flux_version,
+        flux_installed=installed,
         flux_bundled=ctx.bundle.version,
     )
-    return StepResult("preflight", note=note)
+    return Result(note=note, installed_flux_version=installed, taking_over_from=taking_over_from)

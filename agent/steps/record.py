@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, desired, log
+from agent.apply import create_missing
 from agent.bundle import FluxBundle
 from agent.config import Config
-from agent.converge import StepResult, ensure
 from agent.kube import Kube
+from agent.step import StepReport
 
 _log = log.get("record")
 Obj = dict[str, Any]
@@ -57,11 +58,13 @@ def build(
     started: str,
     finished: str,
     duration: float,
-    steps: list[StepResult],
-    error: str | None,
+    steps: list[StepReport],
     revision: str | None,
 ) -> Obj:
+    """The record of a run, from its step reports. Each step lists what it wrote (in a
+    dry run nothing is recorded), structured: action, kind, namespace, name, field paths."""
     sync = config.sync
+    error = next((s.error for s in steps if s.error is not None), None)
     return {
         "agentVersion": __version__,
         "fluxVersion": bundle.version,
@@ -80,11 +83,27 @@ def build(
         "finishedAt": finished,
         "durationSeconds": round(duration, 2),
         "steps": [
-            {"name": s.name, "outcome": s.outcome, "changes": s.changes, "note": s.note}
+            {
+                "name": s.name,
+                "outcome": s.outcome,
+                "changes": [c.as_record() for c in s.changes.writes],
+                "note": s.error or s.note,
+            }
             for s in steps
         ],
         "inputsDigest": digest,
     }
+
+
+def change_counts(record: Obj) -> dict[str, int]:
+    """How many objects each action touched. A record of the previous release lists its
+    changes as lines of text, without a structured action: those count as "changed"."""
+    counts: dict[str, int] = {}
+    for step in record.get("steps", []):
+        for change in step.get("changes", []):
+            action = change.get("action", "changed") if isinstance(change, dict) else "changed"
+            counts[action] = counts.get(action, 0) + 1
+    return counts
 
 
 def _essence(record: Obj | None) -> Obj:
@@ -111,7 +130,7 @@ def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed:
         for n in desired.site_namespaces(config)
         if n["metadata"]["name"] == config.record.namespace
     ]
-    ensure(kube, ours, _log)
+    create_missing(kube, ours, _log)
     kube.apply(desired.run_record(config.record.namespace, config.record.name, body))
     _log.info(
         "run recorded",

@@ -10,88 +10,84 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from agent import desired, log
+from agent.apply import Action, Change, ChangeSet, apply_all, parallel
 from agent.config import (
     Config,
     CreateOnceConfigMap,
     GeneratedSecret,
     PrerequisiteManifest,
 )
-from agent.context import RunContext
-from agent.converge import StepResult, describe, ensure, parallel
 from agent.errors import ConfigError
-from agent.kube import Kind, placement_problem
+from agent.kube import Kube
+from agent.step import StepResult, step
 
-_log = log.get("seed-site")
+NAME = "seed-site"
+_log = log.get(NAME)
 Obj = dict[str, Any]
+NEVER_OVERWRITTEN = "created once, never overwritten"
 
 
-def seed(ctx: RunContext) -> StepResult:
+@dataclass(frozen=True)
+class Inputs:
+    kube: Kube
+    config: Config
+    trust_previous: bool  # the last run succeeded with these inputs: confirm, do not compare
+
+
+@step(NAME)
+def seed(ctx: Inputs) -> StepResult:
     site = ctx.config.site
     if ctx.trust_previous and _present(ctx):
-        return StepResult("seed-site", note="site objects present")
-    changes = ensure(ctx.kube, desired.site_namespaces(ctx.config), _log)
+        return StepResult(note="site objects present")
+    changes = apply_all(ctx.kube, desired.site_namespaces(ctx.config), _log)
     # With the namespaces there, the rest is independent: do it concurrently.
-    tasks: list[Callable[[], list[str]]] = [
+    tasks: list[Callable[[], ChangeSet]] = [
         *(partial(_prerequisite, ctx, m) for m in site.manifests),
         *(partial(_generated_secret, ctx, s) for s in site.secrets),
         *(partial(_create_once, ctx, c) for c in site.config_maps),
     ]
-    for done in parallel(lambda task: task(), tasks):
-        changes += done
-    return StepResult("seed-site", changes)
+    for finished in parallel(lambda task: task(), tasks):
+        changes += finished
+    return StepResult(changes=changes)
 
 
-def _create_once(ctx: RunContext, spec: CreateOnceConfigMap) -> list[str]:
+def _create_once(ctx: Inputs, spec: CreateOnceConfigMap) -> ChangeSet:
     obj = desired.config_map(spec)
     if not spec.create_once:  # the agent owns it: keep it as configured
-        return ensure(ctx.kube, [obj], _log)
+        return apply_all(ctx.kube, [obj], _log)
     if ctx.kube.get_like(obj) is not None:
-        return (
-            [f"unchanged {describe(obj)} (created once, never overwritten)"] if ctx.dry_run else []
-        )
-    if ctx.dry_run:
-        return [f"would create {describe(obj)}"]
-    if ctx.kube.create(obj) is not None:
-        _log.info(f"created {describe(obj)}")
-        return [f"created {describe(obj)}"]
-    return []
+        return ChangeSet((Change.of(obj, Action.UNCHANGED, note=NEVER_OVERWRITTEN),))
+    if ctx.kube.dry_run:
+        return ChangeSet((Change.of(obj, Action.WOULD_CREATE),))
+    if ctx.kube.create(obj) is None:  # someone created it meanwhile: theirs stays
+        return ChangeSet((Change.of(obj, Action.UNCHANGED, note=NEVER_OVERWRITTEN),))
+    created = Change.of(obj, Action.CREATED)
+    _log.info(f"created {created.subject}")
+    return ChangeSet((created,))
 
 
-def check_manifests(config: Config, kinds: dict[tuple[str, str], Kind]) -> None:
-    """Before the first request: every prerequisite object, and every marker, is of a kind
-    the agent can write (built in, or a CRD of the Flux bundle)."""
-    for i, manifest in enumerate(config.site.manifests):
-        for number, obj in enumerate(manifest.objects, 1):
-            problem = placement_problem(obj, kinds)
-            if problem:
-                raise ConfigError(
-                    f"{config.source}: site.manifests[{i}].file: {manifest.file}: "
-                    f"document {number}: {problem}"
-                )
-        if manifest.skip_if_exists:
-            api_version, kind, namespace, name = manifest.skip_if_exists
-            meta = {"name": name, "namespace": namespace}
-            problem = placement_problem(
-                {"apiVersion": api_version, "kind": kind, "metadata": meta}, kinds
-            )
-            if problem:
-                raise ConfigError(f"{config.source}: site.manifests[{i}].skipIfExists: {problem}")
-
-
-def _prerequisite(ctx: RunContext, manifest: PrerequisiteManifest) -> list[str]:
+def _prerequisite(ctx: Inputs, manifest: PrerequisiteManifest) -> ChangeSet:
     if manifest.skip_if_exists is not None:
         api_version, kind, namespace, name = manifest.skip_if_exists
         if ctx.kube.get(api_version, kind, name, namespace) is not None:
             _log.info(f"{kind} {name} exists; leaving {manifest.file.name} alone")
-            return [f"unchanged {manifest.file.name} ({kind} {name} exists)"] if ctx.dry_run else []
+            marker = Change(
+                kind,
+                namespace,
+                name,
+                Action.SKIPPED,
+                note=f"exists: {manifest.file.name} not applied",
+            )
+            return ChangeSet((marker,))
     objects = manifest.objects
     # Namespaces first: the rest of the file may live in them.
     first = [o for o in objects if o["kind"] == "Namespace"]
-    return ensure(ctx.kube, first, _log) + ensure(
+    return apply_all(ctx.kube, first, _log) + apply_all(
         ctx.kube, [o for o in objects if o["kind"] != "Namespace"], _log
     )
 
@@ -117,36 +113,40 @@ def _values(spec: GeneratedSecret, only: set[str] | None = None) -> dict[str, by
     return values
 
 
-def _generated_secret(ctx: RunContext, spec: GeneratedSecret) -> list[str]:
+def _generated_secret(ctx: Inputs, spec: GeneratedSecret) -> ChangeSet:
     live = ctx.kube.get("v1", "Secret", spec.name, spec.namespace)
     missing = desired.missing_keys(spec, live)
-    if ctx.dry_run:
-        where = f"Secret/{spec.namespace}/{spec.name}"
+    key_paths = tuple(f".data.{key}" for key in missing)  # key names, never their values
+    where = f"Secret/{spec.namespace}/{spec.name}"
+
+    def entry(action: Action, fields: tuple[str, ...] = ()) -> ChangeSet:
+        note = "never rotated" if action == Action.UNCHANGED else ""
+        return ChangeSet((Change("Secret", spec.namespace, spec.name, action, fields, note),))
+
+    if ctx.kube.dry_run:
         if live is None:
-            return [f"would create {where} (keys {', '.join(missing)})"]
-        if missing:
-            return [f"would add keys {', '.join(missing)} to {where}"]
-        return [f"unchanged {where} (never rotated)"]
+            return entry(Action.WOULD_CREATE, key_paths)
+        return entry(Action.WOULD_CONFIGURE, key_paths) if missing else entry(Action.UNCHANGED)
     if live is None:
         obj = desired.generated_secret(spec, _values(spec))
         if ctx.kube.create(obj) is None:
-            _log.info(f"{describe(obj)} was created meanwhile; keeping it")
-            return []
-        _log.info(f"created {describe(obj)}", keys=sorted(k.name for k in spec.keys))
-        return [f"created {describe(obj)}"]
+            _log.info(f"{where} was created meanwhile; keeping it")
+            return entry(Action.UNCHANGED)
+        _log.info(f"created {where}", keys=sorted(k.name for k in spec.keys))
+        return entry(Action.CREATED, key_paths)
     for value in (live.get("data") or {}).values():
         log.register_secret(base64.b64decode(value))
     if not missing:
-        return []
+        return entry(Action.UNCHANGED)
     # Add only what is missing; existing values are never rotated.
     values = _values(spec, set(missing))
     patch = {"data": {k: base64.b64encode(v).decode() for k, v in values.items()}}
     ctx.kube.merge_patch(live, patch)
-    _log.info(f"added missing keys to Secret/{spec.namespace}/{spec.name}", keys=missing)
-    return [f"added keys {', '.join(missing)} to Secret/{spec.namespace}/{spec.name}"]
+    _log.info(f"added missing keys to {where}", keys=missing)
+    return entry(Action.CONFIGURED, key_paths)
 
 
-def _present(ctx: RunContext) -> bool:
+def _present(ctx: Inputs) -> bool:
     """A few list reads (one per kind and namespace) confirming every site object is there
     and every generated secret holds all its keys."""
     wanted: dict[tuple[str, str, str], set[str]] = {}

@@ -5,15 +5,35 @@ still in progress is success: from here on it is Flux's job."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from agent import desired, health, log, patch_effects
-from agent.context import RunContext
-from agent.converge import StepResult, parallel, seconds_since, wait_until
+from agent.apply import parallel, wait_until
+from agent.config import SyncConfig
 from agent.errors import BootstrapError
+from agent.kube import Kube
+from agent.step import StepResult, step
 
-_log = log.get("verify")
+NAME = "verify"
+_log = log.get(NAME)
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    kube: Kube
+    sync: SyncConfig
+    deadline: float
+    live: tuple[Obj | None, Obj | None]  # GitRepository, Kustomization as create-sync left them
+    trusted_revision: str | None  # the revision the trusted last run verified, if any
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result(StepResult):
+    revision: str | None  # the source revision Flux accepted; None in a dry run
+
+
 # What the agent's guarded JSON patches fail with when upstream sets the field itself.
 GUARD_FAILURE = "testing value /spec/"
 GUARD_HINT = (
@@ -48,7 +68,7 @@ def source_progress(repo: Obj | None) -> tuple[str, float] | None:
     if repo is None or reconciling is None or reconciling.get("status") != "True":
         return None
     since = reconciling.get("lastTransitionTime")
-    return str(reconciling.get("message", "")), seconds_since(since) if since else 0.0
+    return str(reconciling.get("message", "")), health.seconds_since(since) if since else 0.0
 
 
 def _suspended(obj: Obj, what: str) -> BootstrapError:
@@ -104,12 +124,14 @@ def attempted(ks: Obj | None, revision: str) -> bool:
     return True
 
 
-def verify(ctx: RunContext) -> StepResult:
-    sync = ctx.config.sync
-    if ctx.dry_run:
-        return StepResult("verify", note="skipped in a dry run")
+@step(NAME)
+def verify(ctx: Inputs) -> Result:
+    sync = ctx.sync
+    if ctx.kube.dry_run:
+        return Result(note="skipped in a dry run", revision=None)
     repo_ref, ks_ref = desired.git_repository(sync), desired.kustomization(sync)
-    first_look = list(ctx.sync_objects)  # what create-sync read saves the first requests
+    # What create-sync read saves the first requests.
+    first_look = list(ctx.live) if all(o is not None for o in ctx.live) else []
     applied: list[Obj] = []  # the root's patches, as Flux has them
 
     def check() -> str | None:
@@ -146,9 +168,10 @@ def verify(ctx: RunContext) -> StepResult:
         progress=progress,
     )
     _log.info("Flux accepted the sync", revision=revision)
-    if ctx.trust_previous and revision == ctx.previous_revision:
+    accepted = "Flux accepted the sync"
+    if revision == ctx.trusted_revision:
         # The last run checked these very patches at this very revision.
-        return StepResult("verify", note=revision)
+        return Result(note=accepted, revision=revision)
     ref = f"{sync.ref.kind} {sync.ref.value}"
     effects = patch_effects.check(ctx.kube, applied, ref, revision)
     failed = [e for e in effects if e.state == patch_effects.FAILED]
@@ -159,4 +182,4 @@ def verify(ctx: RunContext) -> StepResult:
         )
     pending = [f"{e.kind} {e.namespace}/{e.name}" for e in effects if e.state != patch_effects.OK]
     _log.info("patches in effect", checked=len(effects), pending=pending)
-    return StepResult("verify", note=revision)
+    return Result(note=accepted, revision=revision)
