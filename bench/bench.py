@@ -133,9 +133,27 @@ def kubectl_install(
     return result
 
 
-def agent_install(work: Path, round_no: int, config_path: Path) -> dict[str, Any]:
+def agent_env(work: Path) -> dict[str, str]:
+    """The agent as the image ships it: every module compiled to bytecode ahead of time
+    (images/build.py, compile_bytecode). Here into a cache of the benchmark's own, filled by
+    one import of the agent before the rounds; the source tree is left alone."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTHONDONTWRITEBYTECODE")
+    }
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    subprocess.run(
+        [sys.executable, "-c", "import agent.cli, agent.run, agent.status"],
+        env=env,
+        cwd=REPO,
+        check=True,
+    )
+    return env
+
+
+def agent_install(
+    work: Path, round_no: int, config_path: Path, env: dict[str, str]
+) -> dict[str, Any]:
     sim = new_sim(work, f"agent-{round_no}")
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     argv = [
         sys.executable,
         "-m",
@@ -182,9 +200,10 @@ def main() -> int:
         objects = work / "objects.yaml"
         the_same_objects(config, objects)
         kubectl_rounds, agent_rounds = [], []
+        env = agent_env(work)
         for round_no in range(args.rounds):
             kubectl_rounds.append(kubectl_install(work, round_no, config, objects))
-            agent_rounds.append(agent_install(work, round_no, config_path))
+            agent_rounds.append(agent_install(work, round_no, config_path, env))
 
     def median(rows: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(r[key] for r in rows))

@@ -92,16 +92,22 @@ def _refuse_retargeting(
 
 def _shared_lists(ctx: Inputs) -> frozenset[int]:
     """The guarded patches whose target already shows entries that are not the agent's
-    (upstream's own patches on a child Kustomization, say): those append instead."""
-    out = set()
-    for i, patch in enumerate(ctx.sync.patches):
-        path = guarded_path(patch)
-        group = patch_effects.target_of(patch)
-        if path is None or group is None:
-            continue
-        api_version, kind, namespace, name = group
+    (upstream's own patches on a child Kustomization, say): those append instead. The
+    targets are read concurrently."""
+    guarded = [
+        (i, patch, path, group)
+        for i, patch in enumerate(ctx.sync.patches)
+        if (path := guarded_path(patch)) is not None
+        and (group := patch_effects.target_of(patch)) is not None
+    ]
+
+    def shared(item: tuple[int, Obj, str, tuple[str, str, str, str]]) -> bool:
+        _, patch, path, (api_version, kind, namespace, name) = item
         live = ctx.kube.get(api_version, kind, name, namespace)
         if live is not None and has_foreign_entries(live, patch):
             _log.info(f"{kind} {namespace}/{name} carries its own {path}; appending to them")
-            out.add(i)
-    return frozenset(out)
+            return True
+        return False
+
+    appends = parallel(shared, guarded)
+    return frozenset(item[0] for item, append in zip(guarded, appends, strict=True) if append)
