@@ -303,7 +303,7 @@ def wait_until(
     progress: Callable[[], dict[str, object]] | None = None,
 ) -> T:
     """Poll `check` until it returns something, or fail when the run's deadline passes.
-    Most waits are short: the first polls come 0.05 s apart, then each 1.1 times later than
+    Most waits are short: the first polls come 0.05 s apart, then each 1.3 times later than
     the one before, up to every `interval` (polite to a server during a long wait).
     `progress` adds what the awaited controller says to each progress line."""
     started = time.monotonic()
@@ -323,7 +323,7 @@ def wait_until(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda result: result is None),
-        wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.1, max=interval),
+        wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.3, max=interval),
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
         sleep=interrupt.sleep,

@@ -578,15 +578,7 @@ def test_upstream_patches_already_on_a_child_are_appended_to(
     """A cluster where Flux applied upstream's child with its own patches before (upstream's
     workstation bootstrap, say): the agent appends its patch after upstream's."""
     profile = edited("alga-background", lambda o: o["spec"].update(patches=[UPSTREAM_PATCH]))
-    child = next(o for o in profile if o["metadata"]["name"] == "alga-background")
-    crd = next(
-        d
-        for d in yaml.safe_load_all(BUNDLE.read_text())
-        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
-    )
-    kubesim.put(crd, "flux")
-    kubesim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
-    wait_for(lambda: kubesim.put(child, "kustomize-controller") if _served(kubesim) else None)
+    flux_applied_before(kubesim, profile, "alga-background")
     config = write_config(site_config())
     result = run_against(kubesim, write_config, profile)
     assert result.code == 0, result.output
@@ -609,15 +601,7 @@ def test_upstream_images_already_on_the_platform_child_are_appended_to(
     the agent's entry goes after them, and a re-run sees its entry as its own."""
     upstream_pin = {"name": "busybox", "newTag": "1.36.1"}
     profile = edited("alga-platform", lambda o: o["spec"].update(images=[upstream_pin]))
-    child = next(o for o in profile if o["metadata"]["name"] == "alga-platform")
-    crd = next(
-        d
-        for d in yaml.safe_load_all(BUNDLE.read_text())
-        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
-    )
-    kubesim.put(crd, "flux")
-    kubesim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
-    wait_for(lambda: kubesim.put(child, "kustomize-controller") if _served(kubesim) else None)
+    flux_applied_before(kubesim, profile, "alga-platform")
     result = run_against(kubesim, write_config, profile)
     assert result.code == 0, result.output
     live = kubesim.get(KS_API, "Kustomization", "alga-platform", "flux-system")
@@ -626,6 +610,20 @@ def test_upstream_images_already_on_the_platform_child_are_appended_to(
     config = write_config(site_config())
     assert run_agent(*fast_run_args(config, kubesim.kubeconfig_path)).code == 0
     assert writes_beyond_bookkeeping(kubesim) == []
+
+
+def flux_applied_before(sim: KubeSim, profile: list[Obj], child_name: str) -> None:
+    """The cluster as Flux left it when it applied upstream's `child_name` (from the edited
+    `profile`) before the agent ran: its CRD, its namespace, the child itself."""
+    child = next(o for o in profile if o["metadata"]["name"] == child_name)
+    crd = next(
+        d
+        for d in yaml.safe_load_all(BUNDLE.read_text())
+        if d and d["metadata"]["name"] == "kustomizations.kustomize.toolkit.fluxcd.io"
+    )
+    sim.put(crd, "flux")
+    sim.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "flux-system"}})
+    wait_for(lambda: sim.put(child, "kustomize-controller") if _served(sim) else None)
 
 
 def _served(sim: KubeSim) -> bool:
