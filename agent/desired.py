@@ -56,11 +56,18 @@ def missing_keys(spec: GeneratedSecret, live: Obj | None) -> list[str]:
 
 def site_object_gaps(config: Config, kind: str, namespace: str, name: str, live: Obj) -> list[str]:
     """Keys a present site object lacks: a generated secret must hold every key the config
-    names (`run` adds the missing ones). Other site objects only have to exist."""
+    names (`run` adds the missing ones), and a ConfigMap the agent owns (not create-once)
+    every key with the configured value (`run` sets them again). Other site objects only
+    have to exist. Key names only, never values."""
     if kind == "Secret":
         for spec in config.site.secrets:
             if (spec.namespace, spec.name) == (namespace, name):
                 return missing_keys(spec, live)
+    if kind == "ConfigMap":
+        for owned in config.site.config_maps:
+            if (owned.namespace, owned.name) == (namespace, name) and not owned.create_once:
+                data = live.get("data") or {}
+                return sorted(k for k, v in owned.data.items() if data.get(k) != v)
     return []
 
 

@@ -104,7 +104,7 @@ def _check(objects: _Objects, patch: Obj, ref: str, revision: str, applied: bool
         return [Effect(kind, namespace, name, state, f"does not carry its patch ({missing})")]
     effects = [Effect(kind, namespace, name, OK, "carries its patch")]
     if kind == "Kustomization" and isinstance(body, list):
-        child_applied = _applied(obj, revision)
+        child_applied = applied_at(obj, revision)
         if isinstance(child_applied, str):
             return [*effects, Effect(kind, namespace, name, FAILED, child_applied)]
         for op in body:
@@ -115,7 +115,7 @@ def _check(objects: _Objects, patch: Obj, ref: str, revision: str, applied: bool
     return effects
 
 
-def _applied(ks: Obj, revision: str) -> bool | str:
+def applied_at(ks: Obj, revision: str) -> bool | str:
     """True once the Kustomization applied its current spec at `revision`; the message when
     Flux could not build it."""
     ready = condition(ks, "Ready") or {}

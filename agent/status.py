@@ -49,11 +49,6 @@ def shown(found: health.Health) -> str:
     return _SHOWN.get(found.state, found.state)
 
 
-def state_of(obj: Obj | None, source_revision: str | None = None) -> str:
-    """One Flux object's state, as agent/health.py reads it (the same model verify waits on)."""
-    return shown(health.flux(obj, source_revision))
-
-
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return ""
@@ -258,16 +253,15 @@ def _patches(
     if not sync.patches or root is None or source is None:
         return []
     revision = source["revision"]
-    if not health.observed_current(root) or root.get("status", {}).get("lastAttemptedRevision") != (
-        revision
-    ):
+    done = patch_effects.applied_at(root, revision)
+    if done is not True:
         return [
             {
                 "kind": "Kustomization",
                 "namespace": sync.namespace,
                 "name": sync.name,
-                "state": PROGRESSING,
-                "message": "patches not applied yet",
+                "state": FAILED if isinstance(done, str) else PROGRESSING,
+                "message": done if isinstance(done, str) else "patches not applied yet",
             }
         ]
     ref = f"{sync.ref.kind} {sync.ref.value}"
@@ -449,6 +443,9 @@ def render_text(report: Obj, colour: bool) -> str:
         where = f"{item['namespace']}/" if item["namespace"] else ""
         if not item["present"]:
             problem = "  missing (alga-bootstrap run creates it)"
+        elif item["missingKeys"] and item["kind"] == "ConfigMap":  # one the agent owns
+            keys = ", ".join(item["missingKeys"])
+            problem = f"  {keys} not as configured (alga-bootstrap run sets it again)"
         elif item["missingKeys"]:
             keys = ", ".join(item["missingKeys"])
             many = len(item["missingKeys"]) > 1

@@ -263,7 +263,7 @@ def test_verify_and_status_read_the_same_model(
     source_revision = REV if kind == "Kustomization" else None
     found = health.flux(obj, source_revision)
     assert found.state == model
-    assert status.state_of(obj, source_revision) == shown
+    assert status.shown(health.flux(obj, source_revision)) == shown
     answer = through_verify(obj, kind)
     if isinstance(verified, str) and verified != REV:
         assert isinstance(answer, str) and verified in answer, answer

@@ -12,11 +12,10 @@ from agent.config.loader import (
     PRESET_DIR,
     deep_merge,
     load,
-    packaged_presets,
     parse,
     register_section,
 )
-from agent.config.reader import MAX_DURATION_S, Section, duration_seconds
+from agent.config.reader import Section, duration_seconds
 from agent.config.schema import (
     TALOS_ENDPOINTS,
     AlgaSettings,
@@ -42,7 +41,6 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_PRESET",
-    "MAX_DURATION_S",
     "PRESET_DIR",
     "TALOS_ENDPOINTS",
     "AlgaSettings",
@@ -66,7 +64,6 @@ __all__ = [
     "duration_seconds",
     "inside",
     "load",
-    "packaged_presets",
     "parse",
     "register_section",
     "url_without_secrets",

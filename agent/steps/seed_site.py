@@ -148,31 +148,17 @@ def _generated_secret(ctx: Inputs, spec: GeneratedSecret) -> ChangeSet:
 
 def _present(ctx: Inputs) -> bool:
     """A few list reads (one per kind and namespace) confirming every site object is there
-    and every generated secret holds all its keys."""
+    and every generated secret and owned ConfigMap holds all its keys (desired.site_object_gaps)."""
     wanted: dict[tuple[str, str, str], set[str]] = {}
     for api_version, kind, namespace, name in desired.site_objects(ctx.config):
         wanted.setdefault((api_version, kind, namespace), set()).add(name)
-
-    owned = {
-        (c.namespace, c.name): c.data for c in ctx.config.site.config_maps if not c.create_once
-    }
 
     def complete(group: tuple[tuple[str, str, str], set[str]]) -> bool:
         (api_version, kind, namespace), names = group
         found = {o["metadata"]["name"]: o for o in ctx.kube.list(api_version, kind, namespace)}
         for name in names:
             live = found.get(name)
-            drifted = (
-                live is not None
-                and kind == "ConfigMap"
-                and (namespace, name) in owned
-                and not owned[(namespace, name)].items() <= (live.get("data") or {}).items()
-            )
-            if (
-                live is None
-                or drifted
-                or desired.site_object_gaps(ctx.config, kind, namespace, name, live)
-            ):
+            if live is None or desired.site_object_gaps(ctx.config, kind, namespace, name, live):
                 where = f"{namespace}/{name}" if namespace else name
                 _log.info(f"{kind} {where} is missing or incomplete; checking every site object")
                 return False
