@@ -172,6 +172,7 @@ POD_SPEC = _obj(
 )
 
 POD_TEMPLATE = _obj(metadata=OBJECT_META, spec=POD_SPEC)
+ROLE_REF = _obj(apiGroup={}, kind={}, name={})
 
 # apps/v1 DeploymentSpec (selector: LabelSelector, +structType=atomic).
 DEPLOYMENT_SPEC = _obj(
@@ -241,8 +242,9 @@ SCHEMAS: dict[str, Schema] = {
     "Deployment": _kind(spec=DEPLOYMENT_SPEC, status=OPEN),
     "ClusterRole": _kind(rules=ATOMIC_LIST, aggregationRule=OPEN),
     "Role": _kind(rules=ATOMIC_LIST),
-    "ClusterRoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ATOMIC_MAP),
-    "RoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ATOMIC_MAP),
+    # rbac/v1 RoleRef has no +structType=atomic: its fields are owned one by one.
+    "ClusterRoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ROLE_REF),
+    "RoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ROLE_REF),
     "NetworkPolicy": _kind(spec=OPEN),
     "StorageClass": _kind(
         provisioner={},
@@ -309,7 +311,7 @@ def _pod_spec(spec: dict[str, Any]) -> None:
         _volume(volume)
     for key in ("initContainers", "containers"):
         for container in spec.get(key) or []:
-            _container(container, bool(spec.get("hostNetwork")))
+            _container(container)
 
 
 def _volume(volume: dict[str, Any]) -> None:
@@ -322,19 +324,24 @@ def _volume(volume: dict[str, Any]) -> None:
             volume[source].setdefault("defaultMode", 0o644)
 
 
-def _container(container: dict[str, Any], host_network: bool) -> None:
-    # SetDefaults_Container.
+def _container(container: dict[str, Any]) -> None:
+    # SetDefaults_Container: Always when parsers.ParseImageName finds the tag `latest`, or
+    # neither tag nor digest; an empty image gets IfNotPresent.
     image = str(container.get("image", ""))
     if "imagePullPolicy" not in container:
-        tag = "" if "@" in image else image.rpartition("/")[2].partition(":")[2]
-        untagged = "@" not in image and ":" not in image.rpartition("/")[2]
-        container["imagePullPolicy"] = "Always" if untagged or tag == "latest" else "IfNotPresent"
+        name, _, digest = image.partition("@")
+        last = name.rpartition("/")[2]
+        tag = last.partition(":")[2]
+        always = bool(image) and (tag == "latest" or (not tag and not digest))
+        container["imagePullPolicy"] = "Always" if always else "IfNotPresent"
     container.setdefault("terminationMessagePath", "/dev/termination-log")
     container.setdefault("terminationMessagePolicy", "File")
     for port in container.get("ports") or []:
-        port.setdefault("protocol", "TCP")  # SetDefaults_ContainerPort
-        if host_network:  # SetDefaults_PodSpec, defaultHostNetworkPorts
-            port.setdefault("hostPort", port.get("containerPort"))
+        # SetDefaults_ContainerPort. No hostPort in a pod template: SetDefaults_PodSpec
+        # copies it from containerPort with hostNetwork only under the feature gate
+        # DefaultHostNetworkHostPortsInPodTemplates, off since 1.28 (SetDefaults_Pod still
+        # does it for Pods, which kubesim does not serve).
+        port.setdefault("protocol", "TCP")
     for env in container.get("env") or []:
         field_ref = (env.get("valueFrom") or {}).get("fieldRef")
         if isinstance(field_ref, dict):

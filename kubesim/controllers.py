@@ -132,8 +132,10 @@ class Controllers:
         error sets Stalled, removes Reconciling and records the generation."""
         meta, spec, status = repo["metadata"], repo.get("spec", {}), repo.get("status", {})
         if spec.get("url") in self.unreconciled_sources or spec.get("suspend"):
-            # A suspended one is not reconciled: Reconcile returns before any work
-            # ("reconciliation is suspended for this object"), its status left as it was.
+            # A suspended one is not reconciled: GitRepositoryReconciler.reconcile
+            # (internal/controller/gitrepository_controller.go) returns ResultEmpty before
+            # any work, so the deferred SummarizeAndPatch records no new generation; only a
+            # requestedAt annotation would be noted (not modelled). Status stays as it was.
             return
         generation = meta["generation"]
         requested = meta.get("annotations", {}).get(REQUESTED_AT, "")

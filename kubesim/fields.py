@@ -259,6 +259,8 @@ def to_fields_v1(paths: set[Path]) -> dict[str, Any]:
         for key in path:
             node = node.setdefault(key if isinstance(key, Item) else f"f:{key}", {})
         if path[-1].startswith("k:") and isinstance(path[-1], Item):
+            # A keyed item owned as a whole is marked with "." (structured-merge-diff
+            # fieldpath/serialize.go, the set's members).
             node["."] = {}
     return root
 
@@ -283,7 +285,8 @@ def from_fields_v1(tree: dict[str, Any]) -> set[Path]:
 
 
 def dotted(path: Path) -> str:
-    """A path as kube-apiserver's conflict messages write it: `.spec.containers[name="a"].image`."""
+    """A path as kube-apiserver's conflict messages write it: `.spec.containers[name="a"].image`
+    (structured-merge-diff fieldpath/element.go, PathElement.String)."""
     out = ""
     for key in path:
         if isinstance(key, Item) and key.startswith("k:"):

@@ -12,11 +12,11 @@ evanphx/json-patch: `add` into a missing parent fails with "doc is missing path"
 with a null value passes on a missing key and otherwise fails with "testing value <path>
 failed"), kyaml's merge2 for strategic merge on custom resources (maps merge key by
 key, lists are replaced, null removes), and the images transformer
-(`api/filters/imagetag`: the `image` of every container and init container whose image
-name, without tag or digest, equals `name` exactly gets `newTag`, and `@digest` after it;
-`node` does not match `docker.io/library/node`, and image strings elsewhere, such as in a
-command, are left alone). The wording and the image matching were checked against
-`kubectl kustomize` (kustomize v5.5.0).
+(`api/filters/imagetag`, LegacyFilter and updater.go SetImageValue: the `image` of every
+container and init container, at any depth of any kind but a CRD, whose image name without
+tag or digest equals `name` exactly; `node` does not match `docker.io/library/node`, and
+image strings elsewhere, such as in a command, are left alone). The wording and the image
+matching were checked against `kubectl kustomize` (kustomize v5.5.0).
 """
 
 from __future__ import annotations
@@ -64,29 +64,42 @@ def build(objects: list[Obj], patches: list[Obj], images: list[Obj] | None = Non
             else:
                 out[i] = _merge(obj, {k: v for k, v in body.items() if k != "metadata"})
     for obj in out:
-        for pod in _pod_specs(obj):
-            for container in [*pod.get("containers", []), *pod.get("initContainers", [])]:
-                container["image"] = _set_image(container.get("image", ""), images or [])
+        if images and obj["kind"] != "CustomResourceDefinition":
+            _set_images(obj, images)
     return out
 
 
-def _pod_specs(obj: Obj) -> list[Obj]:
-    """The pod specs of the workload kinds the appliance's manifests hold."""
-    spec = obj.get("spec") or {}
-    if obj["kind"] == "Pod":
-        return [spec]
-    if obj["kind"] == "CronJob":
-        spec = ((spec.get("jobTemplate") or {}).get("spec")) or {}
-    template = (spec.get("template") or {}).get("spec")
-    return [template] if isinstance(template, dict) else []
+def _set_images(node: Any, images: list[Obj]) -> None:
+    """Every `containers` and `initContainers` list at any depth (imagetag's LegacyFilter),
+    each container that has an `image`."""
+    if isinstance(node, list):
+        for item in node:
+            _set_images(item, images)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for container in value:
+                    if isinstance(container, dict) and isinstance(container.get("image"), str):
+                        container["image"] = _set_image(container["image"], images)
+            _set_images(value, images)
 
 
 def _set_image(image: str, images: list[Obj]) -> str:
-    name = re.split(r"@|:(?=[^/]*$)", image, maxsplit=1)[0]
+    """imagetag's SetImageValue: newName replaces the name; newTag with a digest sets both,
+    newTag alone drops the digest, a digest alone drops the tag."""
+    rest, _, digest = image.partition("@")
+    name, tag = rest, ""
+    if ":" in rest.rpartition("/")[2]:  # a tag, not a registry's port
+        name, _, tag = rest.rpartition(":")
     for pin in images:
-        if pin["name"] == name:
-            digest = f"@{pin['digest']}" if pin.get("digest") else ""
-            return f"{pin.get('newName', name)}:{pin['newTag']}{digest}"
+        if pin["name"] != name:
+            continue
+        name = pin.get("newName") or name
+        if pin.get("newTag"):
+            tag, digest = pin["newTag"], pin.get("digest") or ""
+        elif pin.get("digest"):
+            tag, digest = "", pin["digest"]
+        return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
     return image
 
 

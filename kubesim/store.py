@@ -296,7 +296,8 @@ class Store:
     ) -> Obj:
         """Create `body`; with `applied` (a server-side apply's configuration), that manager
         owns the fields the configuration sets, else `manager` owns every field, defaults too
-        (the field manager sees the decoded, defaulted object)."""
+        (the field manager sees the decoded, defaulted object: k8s.io/apiserver
+        pkg/endpoints/handlers/create.go, fieldManager.UpdateNoErrors after decoding)."""
         with self.lock:
             obj = copy.deepcopy(body)
             meta = obj.setdefault("metadata", {})
@@ -541,7 +542,9 @@ class Store:
         conflicts: list[tuple[str, fields.Path]] = []
         for path in sorted(paths):
             if isinstance(path[-1], fields.Item):
-                continue  # a list item both have: its fields may conflict, not the item
+                # A list item both managers own: its fields may conflict, not the item itself
+                # (structured-merge-diff merge/update.go, Updater: conflicts are leaf fields).
+                continue
             live_value = fields.get_path(live, path, type_schema)
             if live_value is fields.MISSING or live_value == fields.get_path(
                 applied, path, type_schema
