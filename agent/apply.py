@@ -21,7 +21,7 @@ import tenacity
 
 from agent import health, interrupt
 from agent.errors import BootstrapError
-from agent.kube import ApiError, Kube
+from agent.kube import ApiError, Kube, Watch, Watched
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -284,6 +284,7 @@ def apply_staged(
             deadline,
             log,
             interval=1.0,
+            wake=Watch(kube, [Watched(health.CRD_API, "CustomResourceDefinition")]),
         )
     return changes + apply_all(kube, rest, log)
 
@@ -301,10 +302,12 @@ def wait_until(
     log: Any,
     interval: float = 1.0,
     progress: Callable[[], dict[str, object]] | None = None,
+    wake: Watch | None = None,
 ) -> T:
     """Poll `check` until it returns something, or fail when the run's deadline passes.
     Most waits are short: the first polls come 0.05 s apart, then each 1.3 times later than
-    the one before, up to every `interval` (polite to a server during a long wait).
+    the one before, up to every `interval` (polite to a server during a long wait). `wake`
+    (watches on what the check reads) ends a sleep as soon as one of them changes.
     `progress` adds what the awaited controller says to each progress line."""
     started = time.monotonic()
 
@@ -326,10 +329,14 @@ def wait_until(
         wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.3, max=interval),
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
-        sleep=interrupt.sleep,
+        sleep=wake.sleep if wake else interrupt.sleep,
         retry_error_callback=lambda _: None,
     )
-    result = retrying(check)
+    try:
+        result = retrying(check)
+    finally:
+        if wake:
+            wake.stop()
     if result is None:
         raise BootstrapError(
             f"timed out waiting for {what} after "

@@ -9,6 +9,7 @@ from types import FrameType
 
 requested = threading.Event()  # set once a stop was asked for: no new requests from here
 _signum = signal.SIGTERM
+_sleepers: set[threading.Event] = set()  # sleeps that also end on something else
 
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
@@ -28,6 +29,8 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
     global _signum
     _signum = signal.Signals(signum)
     requested.set()
+    for woken in list(_sleepers):
+        woken.set()
 
 
 def install() -> None:
@@ -41,7 +44,15 @@ def check() -> None:
         raise Interrupted(_signum) from None
 
 
-def sleep(seconds: float) -> None:
-    """A retry's sleep that ends early when a stop is asked for."""
-    if requested.wait(seconds):
-        check()
+def sleep(seconds: float, woken: threading.Event | None = None) -> None:
+    """A retry's sleep that ends early when a stop is asked for, or when `woken` is set."""
+    if woken is None:
+        requested.wait(seconds)
+    else:
+        _sleepers.add(woken)
+        try:
+            if not requested.is_set():
+                woken.wait(seconds)
+        finally:
+            _sleepers.discard(woken)
+    check()

@@ -8,13 +8,15 @@ throttling, server errors and dropped connections, never past the run's deadline
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
 import re
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,6 +348,100 @@ def _memory_file(name: str, base64_data: str) -> str:
     return f"/proc/{os.getpid()}/fd/{fd}"
 
 
+@dataclass(frozen=True)
+class Watched:
+    """A collection, or one object of it when `name` is given."""
+
+    api_version: str
+    kind: str
+    namespace: str = ""
+    name: str = ""
+
+    @classmethod
+    def one(cls, obj: Obj) -> Watched:
+        meta = obj["metadata"]
+        return cls(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
+
+
+class Watch:
+    """Tells a wait when to look again, as `kubectl wait` learns of changes: a watch per
+    target, each followed in a thread of its own, sets `changed` when an object changes. The
+    wait still decides by reading, and still polls (slowly) if a watch fails or ends.
+
+    Opened without a resourceVersion, a watch starts with a synthetic ADDED event for every
+    object that exists ("Semantics for watch" on the API concepts page), so only MODIFIED and
+    DELETED count: every wait is for objects the agent has already created."""
+
+    SECONDS = 300  # each watch's timeoutSeconds; the server ends it then and it is reopened
+
+    def __init__(self, kube: Kube, targets: Sequence[Watched]) -> None:
+        self.changed = threading.Event()
+        self._kube = kube
+        self._targets = targets
+        self._stopped = threading.Event()
+        self._open: set[Any] = set()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def sleep(self, seconds: float) -> None:
+        """A wait's sleep: ends after `seconds`, at a change, or at a stop (SIGTERM)."""
+        if not self._started:  # only a wait that has to wait opens watches
+            self._started = True
+            for target in self._targets:
+                threading.Thread(target=self._follow, args=(target,), daemon=True).start()
+        interrupt.sleep(seconds, woken=self.changed)
+        self.changed.clear()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for response in self._open:
+                _shutdown(response)
+
+    def _follow(self, target: Watched) -> None:
+        while not self._stopped.is_set():
+            opened = time.monotonic()
+            try:
+                response = self._kube.open_watch(target, self.SECONDS)
+            except (BootstrapError, interrupt.Interrupted) as err:
+                log.get("kube").debug("watch failed; polling instead", error=str(err))
+                return
+            with self._lock:
+                self._open.add(response)
+            if self._stopped.is_set():
+                _shutdown(response)
+            try:
+                for line in _lines(response):
+                    if json.loads(line).get("type") in ("MODIFIED", "DELETED"):
+                        self.changed.set()
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
+                log.get("kube").debug("watch ended; polling instead", error=str(err))
+                return
+            finally:
+                with self._lock:
+                    self._open.discard(response)
+                response.close()
+                response.release_conn()
+            if time.monotonic() - opened < 1:
+                return  # ended at once (an ERROR event, a server that does not watch)
+
+
+def _shutdown(response: Any) -> None:
+    """End a follower's blocked read. Its stream may have ended on its own meanwhile (the
+    socket closed, or the connection back in the pool): then there is nothing to end."""
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        response.shutdown()
+
+
+def _lines(response: Any) -> Iterator[bytes]:
+    """A watch's answer: one JSON event per line, however the chunks fall."""
+    pending = b""
+    for chunk in response.stream(None, decode_content=False):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from (line for line in lines if line.strip())
+
+
 class Kube:
     """The agent's only way to talk to the cluster."""
 
@@ -542,6 +638,31 @@ class Kube:
         if len(rest) > 1:
             return f"{verb} {kind} {namespace + '/' if namespace else ''}{rest[1]}"
         return f"{verb} {kind} in namespace {namespace}" if namespace else f"{verb} {kind}"
+
+    def open_watch(self, target: Watched, seconds: int) -> Any:
+        """A watch on `target` (GET ?watch=1: the API concepts page, "Efficient detection of
+        changes"), its answer left unread for the caller to stream. One attempt, never
+        retried: the waits that use a watch read and poll as well."""
+        interrupt.check()
+        query = [("watch", "1"), ("timeoutSeconds", str(seconds))]
+        if target.name:
+            query.append(("fieldSelector", f"metadata.name={target.name}"))
+        path = self.path(target.api_version, target.kind, target.namespace)
+        try:
+            return self._api.call_api(
+                path,
+                "GET",
+                query_params=query,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=(5, seconds + 10),
+            )
+        except ApiException as err:
+            raise self._describe(err, "GET", path, "application/json") from None
+        except urllib3.exceptions.HTTPError as err:
+            raise ApiError(0, "", f"watch {path}: no answer from {self.host}: {err}") from None
 
     def version(self) -> Obj:
         result: Obj = self._call("GET", "/version")

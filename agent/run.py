@@ -231,7 +231,7 @@ def _steps(
     revision Flux accepted (None in a dry run)."""
     config = options.config
     checked = ran(preflight.check, preflight.Inputs(kube, bundle, options.force))
-    ran(
+    flux = ran(
         install_flux.install,
         install_flux.Inputs(
             kube,
@@ -246,7 +246,16 @@ def _steps(
     sync = ran(create_sync.create, create_sync.Inputs(kube, config.sync, options.force, trusted))
     trusted_revision = (str((previous or {}).get("revision") or "") or None) if trusted else None
     verified = ran(
-        verify.verify, verify.Inputs(kube, config.sync, deadline, sync.live, trusted_revision)
+        verify.verify,
+        verify.Inputs(
+            kube,
+            config.sync,
+            deadline,
+            sync.live,
+            trusted_revision,
+            bundle.deployments,
+            flux.running,
+        ),
     )
     return verified.revision
 

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import secrets
+import select
 import socket
 import ssl
 import tempfile
@@ -362,14 +363,16 @@ class _Handler(BaseHTTPRequestHandler):
             "user_agent": self.headers.get("User-Agent", ""),
         }
         write = verb in WRITE_VERBS and not entry["dry_run"]
+        self._entry: dict[str, Any] | None = entry
         if write and self.sim.before_write and not self.sim.before_write(verb, url.path, raw):
             self.close_connection = True
             self.connection.close()
             status = 0
         else:
             status = self._dispatch(url.path, query, verb, raw)
-        entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
-        self.sim.record(entry)
+        if self._entry is not None:  # a watch was logged when it started
+            entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
+            self.sim.record(entry)
         if write and status and self.sim.after_write:
             self.sim.after_write(entry)
 
@@ -607,6 +610,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if self._entry is not None:  # logged as it starts: a watch may last minutes
+            self.sim.record({**self._entry, "status": 200, "ms": 0})
+            self._entry = None
         if since in ("", "0"):
             items, revision = store.list(t, namespace, label_sel, field_sel)
             for item in items:
@@ -615,7 +621,13 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         try:
             for event, obj in store.watch(
-                t, namespace, int(since), label_sel, field_sel, deadline, self.sim.stopping.is_set
+                t,
+                namespace,
+                int(since),
+                label_sel,
+                field_sel,
+                deadline,
+                lambda: self.sim.stopping.is_set() or self._client_gone(),
             ):
                 self._chunk({"type": event, "object": obj})
             self.wfile.write(b"0\r\n\r\n")
@@ -623,6 +635,20 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
             self.close_connection = True
         return 200
+
+    def _client_gone(self) -> bool:
+        """A watch ends when its client goes, as the request's context ends it in
+        k8s.io/apiserver pkg/endpoints/handlers/watch.go (WatchServer.ServeHTTP, `done`).
+        A watch client sends nothing more, so a readable socket means it closed."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1) == b""
+        except ssl.SSLWantReadError:
+            return False
+        except OSError:
+            return True
 
     def _chunk(self, event: dict[str, Any]) -> None:
         data = json.dumps(event).encode() + b"\n"

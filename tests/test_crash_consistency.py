@@ -87,8 +87,10 @@ class KillAfter:
             if self.k is not None and len(self.written) >= self.k:
                 self._kill()
 
-    def _kill(self) -> None:
+    def _kill(self) -> None:  # under self.lock
         assert self.started.wait(10)
+        if self.pidfd < 0:  # this run is over: a late write of it must not kill the next
+            return
         # A pidfd names this very process even after it ended, so no other is ever hit.
         with contextlib.suppress(ProcessLookupError):  # it ended (or was killed) already
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -103,7 +105,11 @@ class KillAfter:
         try:
             return agents.run(fast_run_args(config, sim.kubeconfig_path), started)
         finally:
-            os.close(self.pidfd)
+            # Closed under the lock, so no late hook sends to the number once it is reused
+            # (the next run's pidfd gets the same one).
+            with self.lock:
+                os.close(self.pidfd)
+                self.pidfd = -1
 
 
 def generated_values(writes: list[tuple[str, str, bytes]]) -> dict[tuple[str, str, str], set[str]]:

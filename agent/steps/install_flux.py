@@ -1,4 +1,5 @@
-"""Step 3: install (or repair) Flux from the bundle, in stages, and wait until it runs."""
+"""Step 3: install (or repair) Flux from the bundle, in stages. Its controllers start
+while the next steps seed the site and create the sync; `verify` waits for them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from agent.apply import (
     done,
     fetch_live,
     parallel,
-    wait_until,
 )
 from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
@@ -38,13 +38,17 @@ class Inputs:
     taking_over_from: str | None  # preflight's finding (--force)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Result(StepResult):
+    running: bool  # its controllers were seen Available (the trusted path checks them)
+
+
 @step(NAME)
-def install(ctx: Inputs) -> StepResult:
+def install(ctx: Inputs) -> Result:
     kube, bundle = ctx.kube, ctx.bundle
     kube.register_crds(bundle.crds)
-    running = f"Flux {bundle.version} running"
     if ctx.trust_previous and not ctx.taking_over_from and _running(ctx):
-        return StepResult(note=running)
+        return Result(note=f"Flux {bundle.version} running", running=True)
     first_stage = bundle.first_stage
     live = fetch_live(kube, first_stage)
     _refuse_dropping_stored_versions(ctx, first_stage, live)
@@ -53,17 +57,10 @@ def install(ctx: Inputs) -> StepResult:
     # First, so that a forced run stopped midway still leaves the next boot free to finish.
     changes = _take_over(ctx) if ctx.taking_over_from else ChangeSet()
     changes += apply_staged(kube, first_stage, bundle.second_stage, _log, ctx.deadline, live)
-    if kube.dry_run:  # nothing was created: there is nothing to wait for
-        return StepResult(changes=changes)
-    wait_until(
-        "the Flux controllers to be Available",
-        lambda: _available(ctx),
-        ctx.deadline,
-        _log,
-        interval=1.0,
-    )
-    _log.info("Flux running", version=bundle.version, changes=len(changes.writes))
-    return StepResult(changes=changes, note=running)
+    if kube.dry_run:
+        return Result(changes=changes, running=False)
+    _log.info("Flux applied", version=bundle.version, changes=len(changes.writes))
+    return Result(changes=changes, note=f"Flux {bundle.version} applied", running=False)
 
 
 def foreign_marks(obj: Obj) -> Obj | None:
@@ -131,20 +128,6 @@ def _refuse_dropping_stored_versions(
             )
 
 
-def _available(ctx: Inputs) -> bool | None:
-    namespaces = {d["metadata"]["namespace"] for d in ctx.bundle.deployments}
-    live = {
-        (d["metadata"]["namespace"], d["metadata"]["name"]): d
-        for ns in namespaces
-        for d in ctx.kube.list("apps/v1", "Deployment", ns)
-    }
-    for desired in ctx.bundle.deployments:
-        found = live.get((desired["metadata"]["namespace"], desired["metadata"]["name"]))
-        if health.deployment(found).state != health.READY:
-            return None
-    return True
-
-
 def _running(ctx: Inputs) -> bool:
     """Every CRD Established at the bundled version, every controller Available."""
     live = {c["metadata"]["name"]: c for c in ctx.kube.list(CRD_API, "CustomResourceDefinition")}
@@ -157,4 +140,4 @@ def _running(ctx: Inputs) -> bool:
             != ctx.bundle.version
         ):
             return False
-    return bool(_available(ctx))
+    return health.controllers(ctx.kube, ctx.bundle.deployments).state == health.READY

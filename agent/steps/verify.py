@@ -1,4 +1,5 @@
-"""Step 6: did Flux accept the sync? The source must be Ready with an artifact, and the
+"""Step 6: does Flux run, and did it accept the sync? Its controllers must be Available
+(they started while the site was seeded), the source Ready with an artifact, and the
 root Kustomization must have attempted that revision. Then the root's patches must have
 taken effect (a patch whose target upstream renamed selects nothing, silently). A rollout
 still in progress is success: from here on it is Flux's job."""
@@ -12,7 +13,7 @@ from agent import desired, health, log, patch_effects
 from agent.apply import parallel, wait_until
 from agent.config import SyncConfig
 from agent.errors import BootstrapError
-from agent.kube import Kube
+from agent.kube import Kube, Watch, Watched
 from agent.step import StepResult, step
 
 NAME = "verify"
@@ -27,6 +28,8 @@ class Inputs:
     deadline: float
     live: tuple[Obj | None, Obj | None]  # GitRepository, Kustomization as create-sync left them
     trusted_revision: str | None  # the revision the trusted last run verified, if any
+    flux_deployments: list[Obj]  # the bundle's controllers
+    flux_running: bool  # install-flux saw them Available
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,11 +127,42 @@ def attempted(ks: Obj | None, revision: str) -> bool:
     return True
 
 
+def _wait_for_flux(ctx: Inputs) -> None:
+    """Until every Flux controller is Available; one past its progress deadline (an image
+    that cannot be pulled, a crash loop) fails the run at once."""
+    latest = health.Health(health.MISSING)
+
+    def check() -> bool | None:
+        nonlocal latest
+        latest = health.controllers(ctx.kube, ctx.flux_deployments)
+        if latest.state == health.FAILED:
+            namespace = ctx.flux_deployments[0]["metadata"]["namespace"]
+            raise BootstrapError(
+                f"Flux did not start: {latest.message} ({latest.reason}); see "
+                f"`kubectl -n {namespace} describe deployments`, then re-run"
+            )
+        return True if latest.state == health.READY else None
+
+    namespaces = sorted({d["metadata"]["namespace"] for d in ctx.flux_deployments})
+    wait_until(
+        "the Flux controllers to be Available",
+        check,
+        ctx.deadline,
+        _log,
+        interval=1.0,
+        progress=lambda: {"waiting_for": latest.message},
+        wake=Watch(ctx.kube, [Watched("apps/v1", "Deployment", ns) for ns in namespaces]),
+    )
+    _log.info("Flux running")
+
+
 @step(NAME)
 def verify(ctx: Inputs) -> Result:
     sync = ctx.sync
     if ctx.kube.dry_run:
         return Result(note="skipped in a dry run", revision=None)
+    if not ctx.flux_running:
+        _wait_for_flux(ctx)
     repo_ref, ks_ref = desired.git_repository(sync), desired.kustomization(sync)
     # What create-sync read saves the first requests.
     first_look = list(ctx.live) if all(o is not None for o in ctx.live) else []
@@ -166,6 +200,7 @@ def verify(ctx: Inputs) -> Result:
         _log,
         interval=2.0,
         progress=progress,
+        wake=Watch(ctx.kube, [Watched.one(repo_ref), Watched.one(ks_ref)]),
     )
     _log.info("Flux accepted the sync", revision=revision)
     accepted = "Flux accepted the sync"
