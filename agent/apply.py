@@ -283,7 +283,6 @@ def apply_staged(
             lambda: _established(kube, crds),
             deadline,
             log,
-            interval=1.0,
             wake=Watch(kube, [Watched(health.CRD_API, "CustomResourceDefinition")]),
         )
     return changes + apply_all(kube, rest, log)
@@ -338,9 +337,11 @@ def wait_until(
         if wake:
             wake.stop()
     if result is None:
+        waited = time.monotonic() - started
+        last_seen = ", ".join(f"{k}: {v}" for k, v in (progress() if progress else {}).items())
         raise BootstrapError(
-            f"timed out waiting for {what} after "
-            f"{round(time.monotonic() - started)}s; re-run with a longer "
-            "--timeout, or check the cluster (alga-bootstrap status)"
+            f"timed out waiting for {what} after {waited:.0f}s"
+            + (f" ({last_seen})" if last_seen else "")
+            + "; re-run with a longer --timeout, or check the cluster (alga-bootstrap status)"
         )
     return result

@@ -216,26 +216,25 @@ def crd(definition: Obj | None) -> Health:
     return Health(PROGRESSING, "", "not Established yet")
 
 
-def controllers(kube: Kube, deployments: list[Obj]) -> Health:
-    """Flux's controllers as one: READY once every Deployment of the bundle is, else the
-    first one that failed, else the first one still on its way, named."""
-    namespaces = sorted({d["metadata"]["namespace"] for d in deployments})
+def controller_namespaces(deployments: list[Obj]) -> list[str]:
+    return sorted({d["metadata"]["namespace"] for d in deployments})
+
+
+def unready_controllers(kube: Kube, deployments: list[Obj]) -> list[tuple[Obj, Health]]:
+    """Those of Flux's controller Deployments that are not Ready, each with its health:
+    failed ones first. Empty once Flux runs."""
     live = {
         (d["metadata"]["namespace"], d["metadata"]["name"]): d
-        for ns in namespaces
+        for ns in controller_namespaces(deployments)
         for d in kube.list("apps/v1", "Deployment", ns)
     }
-    pending = []
+    unready = []
     for desired in deployments:
         meta = desired["metadata"]
         found = deployment(live.get((meta["namespace"], meta["name"])))
         if found.state != READY:
-            what = f"Deployment {meta['namespace']}/{meta['name']}"
-            pending.append(
-                Health(found.state, found.reason, f"{what}: {found.message or found.state}")
-            )
-    pending.sort(key=lambda h: not h.failed)
-    return pending[0] if pending else Health(READY)
+            unready.append((desired, found))
+    return sorted(unready, key=lambda pair: not pair[1].failed)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@ at the next safe point, release the Lease, exit 128 + the signal's number."""
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
 from types import FrameType
 
 requested = threading.Event()  # set once a stop was asked for: no new requests from here
+_asked = False  # the same, set by the signal handler itself
 _signum = signal.SIGTERM
 _sleepers: set[threading.Event] = set()  # sleeps that also end on something else
 
@@ -22,12 +24,19 @@ class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exceptio
 def _stop(signum: int, _frame: FrameType | None) -> None:
     # The first signal stops the run; later ones must not break the clean-up it does. No
     # exception is raised here: raised between any two bytecodes it can leave a lock
-    # half-released ("cannot release un-acquired lock"). Every sleep waits on `requested`
-    # and ends at once; every request and wait attempt checks it first.
+    # half-released ("cannot release un-acquired lock"). Nor is a lock taken: the main
+    # thread may hold it (an Event's, in the middle of a wait), and it would wait for itself.
+    # So the sleeps are woken from a thread of its own; every request and wait attempt
+    # checks `_asked` first.
     for other in (signal.SIGTERM, signal.SIGINT):
         signal.signal(other, signal.SIG_IGN)
-    global _signum
+    global _signum, _asked
     _signum = signal.Signals(signum)
+    _asked = True
+    _thread.start_new_thread(_wake_sleepers, ())
+
+
+def _wake_sleepers() -> None:
     requested.set()
     for woken in list(_sleepers):
         woken.set()
@@ -40,7 +49,7 @@ def install() -> None:
 
 def check() -> None:
     """Stop before the next request or attempt, once a stop was asked for."""
-    if requested.is_set():
+    if _asked:
         raise Interrupted(_signum) from None
 
 
@@ -49,7 +58,7 @@ def sleep(seconds: float, woken: threading.Event | None = None) -> None:
     if woken is None:
         requested.wait(seconds)
     else:
-        _sleepers.add(woken)
+        _sleepers.add(woken)  # before looking at `requested`: _wake_sleepers sets it first
         try:
             if not requested.is_set():
                 woken.wait(seconds)

@@ -384,12 +384,16 @@ class Watch:
         self._started = False
 
     def sleep(self, seconds: float) -> None:
-        """A wait's sleep: ends after `seconds`, at a change, or at a stop (SIGTERM)."""
+        """A wait's sleep: ends after `seconds`, at a stop (SIGTERM), or at a change once half
+        of it has passed. The half keeps a wait polite to an object whose status changes all
+        the time: it reads at most twice as often as its polling would."""
         if not self._started:  # only a wait that has to wait opens watches
             self._started = True
             for target in self._targets:
                 threading.Thread(target=self._follow, args=(target,), daemon=True).start()
+        started = time.monotonic()
         interrupt.sleep(seconds, woken=self.changed)
+        interrupt.sleep(max(seconds / 2 - (time.monotonic() - started), 0))
         self.changed.clear()
 
     def stop(self) -> None:
@@ -399,6 +403,12 @@ class Watch:
                 _shutdown(response)
 
     def _follow(self, target: Watched) -> None:
+        try:
+            self._follow_until_stopped(target)
+        except Exception as err:  # a watch only hints: whatever it does, the wait polls on
+            log.get("kube").debug("watch failed; polling instead", error=repr(err)[:200])
+
+    def _follow_until_stopped(self, target: Watched) -> None:
         while not self._stopped.is_set():
             opened = time.monotonic()
             try:
@@ -412,7 +422,8 @@ class Watch:
                 _shutdown(response)
             try:
                 for line in _lines(response):
-                    if json.loads(line).get("type") in ("MODIFIED", "DELETED"):
+                    event = json.loads(line)
+                    if isinstance(event, dict) and event.get("type") in ("MODIFIED", "DELETED"):
                         self.changed.set()
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
                 log.get("kube").debug("watch ended; polling instead", error=str(err))

@@ -8,22 +8,23 @@ needs are loaded from the installed package. `kubernetes.client.models` stays em
 ApiClient looks model classes up there only to deserialize typed responses, which the
 agent never asks for (`_preload_content=False`).
 
-Three more imports of those modules serve only what the agent never asks for: `requests`
-(for proxy settings: the agent sets none), `dateutil` (to deserialize model dates) and
-`multiprocessing.pool` (for async_req). Together about 0.1 s of every run; stand-ins that
-fail if called take their place while the three modules load, and are gone afterwards, so
-nothing else in the process sees them.
+Three more imports of those modules are needed seldom or never: `requests` (only when a
+proxy is set, HTTPS_PROXY and the like), `dateutil` (to deserialize model dates) and
+`multiprocessing.pool` (for async_req). Together about 0.1 s of every run. While the three
+modules load, stand-ins take their place that load the real function on their first call;
+they are gone from sys.modules afterwards, so nothing else in the process sees them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 
 def _register_packages() -> None:
@@ -40,19 +41,23 @@ def _register_packages() -> None:
     sys.modules["kubernetes.client.models"] = types.ModuleType("kubernetes.client.models")
 
 
-def _never(what: str) -> Callable[..., NoReturn]:
-    def called(*_args: object, **_kwargs: object) -> NoReturn:
-        raise RuntimeError(f"{what} is not loaded in the agent (kube_client.py)")
+def _loaded_when_called(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
-    return called
+    return call
 
 
 _STAND_INS: dict[str, dict[str, object]] = {
     "requests": {},
-    "requests.utils": {"should_bypass_proxies": _never("requests.utils.should_bypass_proxies")},
+    "requests.utils": {
+        "should_bypass_proxies": _loaded_when_called("requests.utils", "should_bypass_proxies")
+    },
     "dateutil": {},
-    "dateutil.parser": {"parse": _never("dateutil.parser.parse")},
-    "multiprocessing.pool": {"ThreadPool": _never("multiprocessing.pool.ThreadPool")},
+    "dateutil.parser": {"parse": _loaded_when_called("dateutil.parser", "parse")},
+    "multiprocessing.pool": {
+        "ThreadPool": _loaded_when_called("multiprocessing.pool", "ThreadPool")
+    },
 }
 
 

@@ -253,7 +253,7 @@ def _steps(
             deadline,
             sync.live,
             trusted_revision,
-            bundle.deployments,
+            bundle,
             flux.running,
         ),
     )

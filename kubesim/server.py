@@ -638,17 +638,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """A watch ends when its client goes, as the request's context ends it in
-        k8s.io/apiserver pkg/endpoints/handlers/watch.go (WatchServer.ServeHTTP, `done`).
-        A watch client sends nothing more, so a readable socket means it closed."""
+        k8s.io/apiserver pkg/endpoints/handlers/watch.go (WatchServer.HandleHTTP, `done`).
+        A watch client sends nothing more, so a readable socket means it closed. The read
+        must not block: a part of a TLS record is readable too."""
         readable, _, _ = select.select([self.connection], [], [], 0)
         if not readable:
             return False
+        timeout = self.connection.gettimeout()
+        self.connection.settimeout(0)
         try:
             return self.connection.recv(1) == b""
-        except ssl.SSLWantReadError:
+        except (ssl.SSLWantReadError, BlockingIOError):
             return False
         except OSError:
             return True
+        finally:
+            self.connection.settimeout(timeout)
 
     def _chunk(self, event: dict[str, Any]) -> None:
         data = json.dumps(event).encode() + b"\n"

@@ -57,10 +57,10 @@ def install(ctx: Inputs) -> Result:
     # First, so that a forced run stopped midway still leaves the next boot free to finish.
     changes = _take_over(ctx) if ctx.taking_over_from else ChangeSet()
     changes += apply_staged(kube, first_stage, bundle.second_stage, _log, ctx.deadline, live)
-    if kube.dry_run:
-        return Result(changes=changes, running=False)
-    _log.info("Flux applied", version=bundle.version, changes=len(changes.writes))
-    return Result(changes=changes, note=f"Flux {bundle.version} applied", running=False)
+    done = "applied" if changes.writes else "unchanged"
+    if not kube.dry_run:
+        _log.info(f"Flux {done}", version=bundle.version, changes=len(changes.writes))
+    return Result(changes=changes, note=f"Flux {bundle.version} {done}", running=False)
 
 
 def foreign_marks(obj: Obj) -> Obj | None:
@@ -140,4 +140,4 @@ def _running(ctx: Inputs) -> bool:
             != ctx.bundle.version
         ):
             return False
-    return health.controllers(ctx.kube, ctx.bundle.deployments).state == health.READY
+    return not health.unready_controllers(ctx.kube, ctx.bundle.deployments)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
 
 from agent import health, log
-from agent.apply import parallel
 from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
 from agent.health import OUR_MANAGERS, PROBE_CRD
@@ -37,10 +35,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 @step(NAME)
 def check(ctx: Inputs) -> Result:
-    # Both reads at once: their round trips are most of this step's time.
-    server, flux = parallel(
-        lambda read: read(), [ctx.kube.version, partial(health.installed_flux, ctx.kube)]
-    )
+    server = ctx.kube.version()
     major = int(re.sub(r"\D", "", str(server.get("major", "0"))) or 0)
     minor = int(re.sub(r"\D", "", str(server.get("minor", "0"))) or 0)
     needed = ctx.bundle.min_kubernetes
@@ -50,6 +45,7 @@ def check(ctx: Inputs) -> Result:
             f"{ctx.bundle.version} supports (>= {needed[0]}.{needed[1]}); upgrade Kubernetes "
             "or bundle an older Flux"
         )
+    flux = health.installed_flux(ctx.kube)
     note = f"Kubernetes {server.get('gitVersion')}; Flux not installed"
     installed = taking_over_from = None
     if flux is not None:

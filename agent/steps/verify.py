@@ -11,6 +11,7 @@ from typing import Any
 
 from agent import desired, health, log, patch_effects
 from agent.apply import parallel, wait_until
+from agent.bundle import FluxBundle
 from agent.config import SyncConfig
 from agent.errors import BootstrapError
 from agent.kube import Kube, Watch, Watched
@@ -28,7 +29,7 @@ class Inputs:
     deadline: float
     live: tuple[Obj | None, Obj | None]  # GitRepository, Kustomization as create-sync left them
     trusted_revision: str | None  # the revision the trusted last run verified, if any
-    flux_deployments: list[Obj]  # the bundle's controllers
+    flux: FluxBundle  # its controllers, to wait for
     flux_running: bool  # install-flux saw them Available
 
 
@@ -129,31 +130,42 @@ def attempted(ks: Obj | None, revision: str) -> bool:
 
 def _wait_for_flux(ctx: Inputs) -> None:
     """Until every Flux controller is Available; one past its progress deadline (an image
-    that cannot be pulled, a crash loop) fails the run at once."""
-    latest = health.Health(health.MISSING)
+    that cannot be pulled, a crash loop) fails the run at once, as kstatus and `kubectl
+    rollout status` judge it."""
+    controllers = ctx.flux.deployments
+    waiting_for = ""
 
     def check() -> bool | None:
-        nonlocal latest
-        latest = health.controllers(ctx.kube, ctx.flux_deployments)
-        if latest.state == health.FAILED:
-            namespace = ctx.flux_deployments[0]["metadata"]["namespace"]
+        nonlocal waiting_for
+        unready = health.unready_controllers(ctx.kube, controllers)
+        if not unready:
+            return True
+        deploy, found = unready[0]
+        namespace, name = deploy["metadata"]["namespace"], deploy["metadata"]["name"]
+        waiting_for = f"Deployment {namespace}/{name}: {found.message or found.state}"
+        if found.failed:
             raise BootstrapError(
-                f"Flux did not start: {latest.message} ({latest.reason}); see "
-                f"`kubectl -n {namespace} describe deployments`, then re-run"
+                f"Flux did not start: Deployment {namespace}/{name} {found.reason}: "
+                f"{found.message.rstrip('.')}; see `kubectl -n {namespace} describe "
+                f"deployment {name}`, then re-run"
             )
-        return True if latest.state == health.READY else None
+        return None
 
-    namespaces = sorted({d["metadata"]["namespace"] for d in ctx.flux_deployments})
     wait_until(
         "the Flux controllers to be Available",
         check,
         ctx.deadline,
         _log,
-        interval=1.0,
-        progress=lambda: {"waiting_for": latest.message},
-        wake=Watch(ctx.kube, [Watched("apps/v1", "Deployment", ns) for ns in namespaces]),
+        progress=lambda: {"waiting_for": waiting_for},
+        wake=Watch(
+            ctx.kube,
+            [
+                Watched("apps/v1", "Deployment", ns)
+                for ns in health.controller_namespaces(controllers)
+            ],
+        ),
     )
-    _log.info("Flux running")
+    _log.info("Flux running", version=ctx.flux.version)
 
 
 @step(NAME)
