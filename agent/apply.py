@@ -251,19 +251,6 @@ def apply_all(
     return ChangeSet(tuple(parallel(lambda pair: apply(kube, pair[0], pair[1], log), pairs)))
 
 
-def create_missing(kube: Kube, objects: list[Obj], log: Any) -> ChangeSet:
-    """Create those of `objects` that do not exist; leave the others as they are."""
-    live = fetch_live(kube, objects)
-    return ChangeSet(
-        tuple(
-            Change.of(o, Action.UNCHANGED)
-            if current is not None
-            else _write(kube, o, Action.CREATED, [], log)
-            for o, current in zip(objects, live, strict=True)
-        )
-    )
-
-
 def apply_staged(
     kube: Kube,
     first: list[Obj],

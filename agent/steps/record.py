@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, desired, log
-from agent.apply import create_missing
 from agent.bundle import FluxBundle
 from agent.config import Config
 from agent.kube import Kube
@@ -125,12 +124,7 @@ def save(kube: Kube, config: Config, record: Obj, previous: Obj | None, changed:
     ):
         return False
     body = json.dumps(record, indent=2, sort_keys=True)
-    ours = [
-        n
-        for n in desired.site_namespaces(config)
-        if n["metadata"]["name"] == config.record.namespace
-    ]
-    create_missing(kube, ours, _log)
+    # Its namespace exists: the run's Lease lives there and creates it before any write.
     kube.apply(desired.run_record(config.record.namespace, config.record.name, body))
     _log.info(
         "run recorded",
