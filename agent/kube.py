@@ -373,6 +373,8 @@ class Watch:
     DELETED count: every wait is for objects the agent has already created."""
 
     SECONDS = 300  # each watch's timeoutSeconds; the server ends it then and it is reopened
+    EAGER_S = 2.0  # most waits are over by then
+    MIN_GAP_S = 0.05
 
     def __init__(self, kube: Kube, targets: Sequence[Watched]) -> None:
         self.changed = threading.Event()
@@ -381,19 +383,22 @@ class Watch:
         self._stopped = threading.Event()
         self._open: set[Any] = set()
         self._lock = threading.Lock()
-        self._started = False
+        self._opened: float | None = None  # when the first sleep opened the watches
 
     def sleep(self, seconds: float) -> None:
-        """A wait's sleep: ends after `seconds`, at a stop (SIGTERM), or at a change once half
-        of it has passed. The half keeps a wait polite to an object whose status changes all
-        the time: it reads at most twice as often as its polling would."""
-        if not self._started:  # only a wait that has to wait opens watches
-            self._started = True
+        """A wait's sleep: ends after `seconds`, at a stop (SIGTERM), or at a change: at once
+        in the watches' first seconds (a check at most every MIN_GAP_S), later once half of
+        it has passed. The half keeps a long wait polite to an object whose status changes
+        all the time: it reads at most twice as often as its polling would."""
+        if self._opened is None:  # only a wait that has to wait opens watches
+            self._opened = time.monotonic()
             for target in self._targets:
                 threading.Thread(target=self._follow, args=(target,), daemon=True).start()
         started = time.monotonic()
         interrupt.sleep(seconds, woken=self.changed)
-        interrupt.sleep(max(seconds / 2 - (time.monotonic() - started), 0))
+        eager = started - self._opened < self.EAGER_S
+        floor = min(self.MIN_GAP_S, seconds) if eager else seconds / 2
+        interrupt.sleep(max(floor - (time.monotonic() - started), 0))
         self.changed.clear()
 
     def stop(self) -> None:
