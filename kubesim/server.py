@@ -364,15 +364,14 @@ class _Handler(BaseHTTPRequestHandler):
         }
         write = verb in WRITE_VERBS and not entry["dry_run"]
         self._entry: dict[str, Any] | None = entry
+        self._started = started
         if write and self.sim.before_write and not self.sim.before_write(verb, url.path, raw):
             self.close_connection = True
             self.connection.close()
             status = 0
         else:
             status = self._dispatch(url.path, query, verb, raw)
-        if self._entry is not None:  # a watch was logged when it started
-            entry.update(status=status, ms=round((time.monotonic() - started) * 1000, 2))
-            self.sim.record(entry)
+        self._log(status)  # if unanswered (a dropped connection)
         if write and status and self.sim.after_write:
             self.sim.after_write(entry)
 
@@ -610,9 +609,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        if self._entry is not None:  # logged as it starts: a watch may last minutes
-            self.sim.record({**self._entry, "status": 200, "ms": 0})
-            self._entry = None
+        self._log(200)  # as it starts: a watch may last minutes
         if since in ("", "0"):
             items, revision = store.list(t, namespace, label_sel, field_sel)
             for item in items:
@@ -674,9 +671,19 @@ class _Handler(BaseHTTPRequestHandler):
         headers = [("Retry-After", str(err.retry_after))] if err.retry_after is not None else []
         return self._send(err.code, "application/json", data, headers)
 
+    def _log(self, status: int) -> None:
+        """Log the request before its answer goes out: a test that looks at the log once its
+        client has the answer finds it there."""
+        if self._entry is not None:
+            ms = round((time.monotonic() - self._started) * 1000, 2)
+            self._entry.update(status=status, ms=ms)
+            self.sim.record(self._entry)
+            self._entry = None
+
     def _send(
         self, code: int, ctype: str, data: bytes, headers: list[tuple[str, str]] | None = None
     ) -> int:
+        self._log(code)
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
