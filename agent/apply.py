@@ -315,13 +315,13 @@ def wait_until(
         wait=tenacity.wait_exponential(multiplier=0.05, exp_base=1.3, max=interval),
         stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.1)),
         before_sleep=note,
-        sleep=wake.sleep if wake else interrupt.sleep,
+        sleep=wake.sleep if wake is not None else interrupt.sleep,
         retry_error_callback=lambda _: None,
     )
     try:
         result = retrying(check)
     finally:
-        if wake:
+        if wake is not None:
             wake.stop()
     if result is None:
         waited = time.monotonic() - started

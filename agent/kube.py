@@ -410,17 +410,13 @@ class Watch:
     def _follow(self, target: Watched) -> None:
         try:
             self._follow_until_stopped(target)
-        except Exception as err:  # a watch only hints: whatever it does, the wait polls on
-            log.get("kube").debug("watch failed; polling instead", error=repr(err)[:200])
+        except (Exception, interrupt.Interrupted) as err:  # a watch only hints: polling goes on
+            log.get("kube").debug("watch ended; polling instead", error=repr(err)[:200])
 
     def _follow_until_stopped(self, target: Watched) -> None:
         while not self._stopped.is_set():
             opened = time.monotonic()
-            try:
-                response = self._kube.open_watch(target, self.SECONDS)
-            except (BootstrapError, interrupt.Interrupted) as err:
-                log.get("kube").debug("watch failed; polling instead", error=str(err))
-                return
+            response = self._kube.open_watch(target, self.SECONDS)
             with self._lock:
                 self._open.add(response)
             if self._stopped.is_set():
@@ -430,9 +426,6 @@ class Watch:
                     event = json.loads(line)
                     if isinstance(event, dict) and event.get("type") in ("MODIFIED", "DELETED"):
                         self.changed.set()
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
-                log.get("kube").debug("watch ended; polling instead", error=str(err))
-                return
             finally:
                 with self._lock:
                     self._open.discard(response)

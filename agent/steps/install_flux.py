@@ -57,10 +57,10 @@ def install(ctx: Inputs) -> Result:
     # First, so that a forced run stopped midway still leaves the next boot free to finish.
     changes = _take_over(ctx) if ctx.taking_over_from else ChangeSet()
     changes += apply_staged(kube, first_stage, bundle.second_stage, _log, ctx.deadline, live)
-    done = "applied" if changes.writes else "unchanged"
+    outcome = "applied" if changes.writes else "unchanged"
     if not kube.dry_run:
-        _log.info(f"Flux {done}", version=bundle.version, changes=len(changes.writes))
-    return Result(changes=changes, note=f"Flux {bundle.version} {done}", running=False)
+        _log.info(f"Flux {outcome}", version=bundle.version, changes=len(changes.writes))
+    return Result(changes=changes, note=f"Flux {bundle.version} {outcome}", running=False)
 
 
 def foreign_marks(obj: Obj) -> Obj | None:

@@ -130,8 +130,8 @@ def attempted(ks: Obj | None, revision: str) -> bool:
 
 def _wait_for_flux(ctx: Inputs) -> None:
     """Until every Flux controller is Available; one past its progress deadline (an image
-    that cannot be pulled, a crash loop) fails the run at once, as kstatus and `kubectl
-    rollout status` judge it."""
+    that cannot be pulled, a crash loop) fails the run at once, as kstatus judges it
+    (health.deployment)."""
     controllers = ctx.flux.deployments
     waiting_for = ""
 
