@@ -97,6 +97,7 @@ class RunLease:
         self._live: Obj | None = None  # the lease as last written by this run
         self.stale = False  # another run wrote while this pass was reading: look again
         self._gave_up: BootstrapError | None = None  # waited until the deadline: no retry
+        self._lost: BootstrapError | None = None  # another run took the lease: write no more
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -105,6 +106,8 @@ class RunLease:
         with self._lock:
             if self._gave_up is not None:
                 raise self._gave_up
+            if self._lost is not None:
+                raise self._lost
             if not self.held:
                 self._take()
             if self.stale:
@@ -243,11 +246,30 @@ class RunLease:
                     self._live = self.kube.replace(lease, guarded=False)
                 except ApiError as err:
                     if err.status == 409:  # changed by someone else: not ours any more
-                        _log.warning("lost the lease", lease=f"{self.namespace}/{self.name}")
+                        self._lose()
                         return
                     _log.warning("could not renew the lease", error=str(err))
                 except BootstrapError as err:
                     _log.warning("could not renew the lease", error=str(err))
+
+    def _lose(self) -> None:
+        """Another run took the lease over: this one could not renew it within its duration
+        (a paused VM, an API that did not answer). As client-go's leader election does
+        (tools/leaderelection/leaderelection.go: renew returns once a renewal fails, Run then
+        calls OnStoppedLeading, and release writes only while IsLeader), this run writes no
+        more and leaves the new holder's lease alone."""
+        try:
+            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+            holder = str(((live or {}).get("spec") or {}).get("holderIdentity") or "none")
+        except BootstrapError:
+            holder = "unknown"
+        lease = f"{self.namespace}/{self.name}"
+        _log.warning("lost the lease", lease=lease, holder=holder)
+        self._lost = BootstrapError(
+            f"another run (holder {holder}) took over Lease {lease} while this run held it, "
+            "because this run did not renew it in time; this run stopped writing; re-run"
+        )
+        self._live = None
 
     def release(self) -> None:
         """Hand the lease back (it is never deleted: the agent deletes nothing)."""

@@ -112,6 +112,14 @@ def connect(
     return Kube(client_config, endpoint, source)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One look at the cluster: what each step did, and the revision Flux accepted."""
+
+    reports: list[StepReport]
+    revision: str | None
+
+
 def run(options: RunOptions) -> list[StepReport]:
     """Raises BootstrapError (or a subclass) with the exit code on failure."""
     started_at, started = _now(), options.started or time.monotonic()
@@ -149,18 +157,28 @@ def run(options: RunOptions) -> list[StepReport]:
         kube.before_write = lease.before_write
     try:
         try:
-            return _pass(kube, bundle, options, started_at, started, deadline)
+            done = _pass(kube, bundle, options, started_at, started, deadline)
         except LeaseWaited:
             # Another run held the lease: what this one read may be stale. Look again, now
             # holding the lease; usually the other run did everything.
             assert lease is not None
             lease.stale = False
             _log.info("the other run finished; checking again")
-            return _pass(kube, bundle, options, started_at, started, deadline)
+            done = _pass(kube, bundle, options, started_at, started, deadline)
     finally:
         if lease is not None:
             lease.release()
         kube.close()
+    if not options.dry_run:
+        # Last, after the release and its warnings: the service log ends with the outcome.
+        writes = sum(len(r.changes.writes) for r in done.reports)
+        _log.info(
+            "done" if writes else "nothing to do",
+            revision=done.revision,
+            changes=writes,
+            seconds=round(time.monotonic() - started, 2),
+        )
+    return done.reports
 
 
 def _pass(
@@ -170,7 +188,7 @@ def _pass(
     started_at: str,
     started: float,
     deadline: float,
-) -> list[StepReport]:
+) -> _Pass:
     """One look at the cluster: the steps, then the record."""
     config = options.config
     digest = record.inputs_digest(config, bundle)
@@ -193,7 +211,7 @@ def _pass(
     if kube.dry_run:
         if error is not None:
             raise error
-        return ran.reports
+        return _Pass(ran.reports, revision)
     changed = any(r.changes.writes for r in ran.reports)
     entry = record.build(
         config,
@@ -209,13 +227,7 @@ def _pass(
         _record_best_effort(kube, config, entry, previous, changed)
         raise error
     record.save(kube, config, entry, previous, changed)
-    _log.info(
-        "done" if changed else "nothing to do",
-        revision=revision,
-        changes=sum(len(r.changes.writes) for r in ran.reports),
-        seconds=round(time.monotonic() - started, 2),
-    )
-    return ran.reports
+    return _Pass(ran.reports, revision)
 
 
 def _steps(
