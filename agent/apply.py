@@ -21,7 +21,7 @@ import tenacity
 
 from agent import health, interrupt
 from agent.errors import BootstrapError
-from agent.kube import ApiError, Kube, Watch, Watched
+from agent.kube import ApiError, DeadlineExceeded, Kube, Watch, Watched
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -318,8 +318,19 @@ def wait_until(
         sleep=wake.sleep if wake is not None else interrupt.sleep,
         retry_error_callback=lambda _: None,
     )
+
+    def look() -> T | None:
+        try:
+            return check()
+        except DeadlineExceeded as late:
+            if late.last is not None:
+                raise  # the API failed until the deadline: that is what to report
+            # A sleep overran the deadline (a busy machine) before this look could read:
+            # the wait itself timed out, and says what it waited for.
+            return None
+
     try:
-        result = retrying(check)
+        result = retrying(look)
     finally:
         if wake is not None:
             wake.stop()

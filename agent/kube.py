@@ -185,6 +185,7 @@ class DeadlineExceeded(BootstrapError):
     """The run's deadline (--timeout) passed while a request was still failing or pending."""
 
     def __init__(self, method: str, path: str, last: BaseException | None) -> None:
+        self.last = last  # None: the deadline came before the request was even sent
         detail = f": {str(last)[:300]}" if last else ""
         super().__init__(
             log.redact(

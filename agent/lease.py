@@ -18,7 +18,7 @@ import tenacity
 
 from agent import interrupt, log
 from agent.errors import BootstrapError
-from agent.kube import ApiError, Kube, StopAtDeadline
+from agent.kube import ApiError, DeadlineExceeded, Kube, StopAtDeadline
 
 _log = log.get("lease")
 Obj = dict[str, Any]
@@ -218,6 +218,14 @@ class RunLease:
                 raise
             return True
 
+        def look() -> bool:
+            try:
+                return attempt()
+            except DeadlineExceeded as late:
+                if late.last is not None:
+                    raise  # the API failed until the deadline: that is what to report
+                return False  # a sleep overran the deadline: this wait gave up, say so
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda taken: not taken),
             # Polite: a run that waits minutes looks at most every 2 s.
@@ -226,7 +234,7 @@ class RunLease:
             sleep=interrupt.sleep,
             retry_error_callback=lambda _: False,
         )
-        if not retrying(attempt):
+        if not retrying(look):
             self._gave_up = BootstrapError(
                 f"another run kept Lease {self.namespace}/{self.name} "
                 f"(holder {waited_for}) past the deadline; re-run later"

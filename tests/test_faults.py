@@ -461,8 +461,8 @@ def test_a_run_that_loses_its_lease_writes_no_more(kubesim: KubeSim, tmp_path: P
         assert time.monotonic() < deadline and agent.proc.poll() is None, agent.lines
         time.sleep(0.05)
     new_holder = f"other-node-4242-{BOOT_ID}-abcdef"
-    put_lease(kubesim, new_holder, 30, dt.datetime.now(dt.UTC))
     taken = len(kubesim.writes())
+    put_lease(kubesim, new_holder, 30, dt.datetime.now(dt.UTC))
     agent.wait_for_event("lost the lease")  # its next renewal, within a second
     kubesim.controllers.unreconciled_sources.clear()  # verify passes; the record is next
     result = agent.finish()
@@ -474,9 +474,10 @@ def test_a_run_that_loses_its_lease_writes_no_more(kubesim: KubeSim, tmp_path: P
     ], result.output
     assert result.events()[-1]["event"] == "run failed", result.output
     # After the take-over only the renewal that found it (409 Conflict) tried to write: no
-    # record, no release.
+    # record, no release. (One renewal may have gone through just before the take-over.)
     tried = [(r["verb"], r["path"], r["status"]) for r in kubesim.writes()[taken:]]
-    assert tried == [("update", LEASE_PATH, 409)], tried
+    assert tried and tried[-1] == ("update", LEASE_PATH, 409), tried
+    assert set(tried[:-1]) <= {("update", LEASE_PATH, 200)}, tried
     lease = kubectl_lease(kubesim)
     assert lease is not None and lease["spec"]["holderIdentity"] == new_holder, lease
     assert not kubesim.exists("v1", "ConfigMap", "alga-bootstrap-run", "alga-system")

@@ -271,7 +271,7 @@ def test_a_run_waits_while_another_holds_the_lease(kubesim: KubeSim, write_confi
 
     def lease(holder: str | None) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        spec: dict[str, Any] = {"leaseDurationSeconds": 5, "acquireTime": now, "renewTime": now}
+        spec: dict[str, Any] = {"leaseDurationSeconds": 15, "acquireTime": now, "renewTime": now}
         if holder:
             spec["holderIdentity"] = holder
         return {
@@ -295,7 +295,7 @@ def test_a_run_waits_while_another_holds_the_lease(kubesim: KubeSim, write_confi
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Hold it for 4 s, renewing well within its 5 s duration (room for a busy CI machine).
+    # Hold it for 4 s, renewing well within its 15 s duration (room for a busy CI machine).
     for _ in range(8):
         time.sleep(0.5)
         kubesim.put(lease("boot-time-run"), "other-run")

@@ -187,7 +187,7 @@ def test_health_version_and_discovery(kubesim_factory: Any) -> None:
 
 
 def test_custom_resources_appear_once_the_crd_is_established(kubesim_factory: Any) -> None:
-    sim = kubesim_factory(crd_established_delay=0.4)
+    sim = kubesim_factory(crd_established_delay=2.0)  # the looks below take well under 2 s
     crd = next(
         d
         for d in yaml.safe_load_all(BUNDLE.read_text())
@@ -199,9 +199,13 @@ def test_custom_resources_appear_once_the_crd_is_established(kubesim_factory: An
         status = c.get(path).json()["status"]
         assert not any(x["type"] == "Established" for x in status["conditions"])
         assert c.get("/apis/source.toolkit.fluxcd.io/v1").status_code == 404
-        time.sleep(0.6)
-        conditions = {x["type"]: x["status"] for x in c.get(path).json()["status"]["conditions"]}
-        assert conditions["Established"] == "True"
+        deadline = time.monotonic() + 15
+        while not any(
+            x["type"] == "Established" and x["status"] == "True"
+            for x in c.get(path).json()["status"]["conditions"]
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         resources = c.get("/apis/source.toolkit.fluxcd.io/v1").json()["resources"]
         assert "gitrepositories" in {r["name"] for r in resources}
         groups = {g["name"] for g in c.get("/apis").json()["groups"]}
@@ -462,10 +466,17 @@ def test_controllers_make_deployments_and_flux_objects_ready(kubesim: KubeSim) -
 
 
 def test_refuses_connections_then_comes_up(kubesim_factory: Any) -> None:
-    sim = kubesim_factory(refuse_seconds=0.8)
+    sim = kubesim_factory(refuse_seconds=2)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", sim.port), timeout=1).close()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 15
+    while True:  # then it listens
+        try:
+            socket.create_connection(("127.0.0.1", sim.port), timeout=1).close()
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     with client(sim) as c:
         assert c.get("/readyz").status_code == 200
 
@@ -541,7 +552,7 @@ def test_serve_starts_fast_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> 
     elapsed = time.monotonic() - started
     try:
         assert line.startswith("ready https://127.0.0.1:")
-        assert elapsed < 3  # includes interpreter start; the server itself is well under 1 s
+        assert elapsed < 10  # includes interpreter start, seconds on a busy machine
         config = yaml.safe_load(kubeconfig.read_text())
         assert config["clusters"][0]["cluster"]["server"] == line.split()[1]
     finally:

@@ -342,10 +342,11 @@ def test_bootstrap_on_a_worker_is_terminal_in_every_talos_version(
 
 
 def test_bootstrap_that_never_becomes_possible_ends_at_the_deadline(slow_node: Any) -> None:
-    started = time.monotonic()
     node, result = slow_node(bootstrap_not_allowed_for=1000, timeout="5s")
     assert result.code == 1
-    assert time.monotonic() - started < 9
+    # The run's own time (the deadline plus up to 1 s to clean up), not the process's: on a
+    # busy machine Python's start-up alone can take seconds.
+    assert result.events()[-1]["seconds"] <= 6, result.output
     assert "bootstrap is not available yet" in result.stderr
     assert 2 <= node.names().count("Bootstrap") <= 10  # backoff, bounded by the deadline
 
