@@ -185,7 +185,7 @@ class DeadlineExceeded(BootstrapError):
     """The run's deadline (--timeout) passed while a request was still failing or pending."""
 
     def __init__(self, method: str, path: str, last: BaseException | None) -> None:
-        self.last = last  # None: the deadline came before the request was even sent
+        self.last = last  # None: the deadline came before the request was ever sent
         detail = f": {str(last)[:300]}" if last else ""
         super().__init__(
             log.redact(
@@ -525,6 +525,12 @@ class Kube:
         requests: releasing it is the clean-up."""
         deadline = self.deadline
         past_deadline = StopAtDeadline(deadline)
+        failed: BaseException | None = None  # the last attempt's failure, if any
+
+        def retry_later(state: tenacity.RetryCallState) -> None:
+            nonlocal failed
+            failed = state.outcome.exception() if state.outcome else None
+            _log_retry(state)
 
         def give_up(state: tenacity.RetryCallState) -> Any:
             last = state.outcome.exception() if state.outcome else None
@@ -539,8 +545,8 @@ class Kube:
             timeout: tuple[float, float] = (5, 30)
             if deadline is not None:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DeadlineExceeded(method, path, None)
+                if left <= 0:  # a retry's sleep (or the caller's) ran past the deadline
+                    raise DeadlineExceeded(method, path, failed)
                 timeout = (min(5, left), min(30, left))
             return self._request(method, path, query, body, content_type, timeout)
 
@@ -551,7 +557,7 @@ class Kube:
                 tenacity.stop_after_attempt(8), tenacity.stop_after_delay(90), past_deadline
             ),
             sleep=interrupt.sleep if not lease else time.sleep,
-            before_sleep=_log_retry,
+            before_sleep=retry_later,
             retry_error_callback=give_up,
         )
         return retrying(attempt)
@@ -678,9 +684,14 @@ class Kube:
         result: Obj = self._call("GET", "/version")
         return result
 
-    def get(self, api_version: str, kind: str, name: str, namespace: str = "") -> Obj | None:
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str = "", lease: bool = False
+    ) -> Obj | None:
+        """`lease`: the Lease's own read, which a stop does not interrupt (see _call)."""
         try:
-            found: Obj = self._call("GET", self.path(api_version, kind, namespace, name))
+            found: Obj = self._call(
+                "GET", self.path(api_version, kind, namespace, name), lease=lease
+            )
         except ApiError as err:
             if err.status == 404:
                 return None

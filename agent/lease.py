@@ -23,6 +23,7 @@ from agent.kube import ApiError, DeadlineExceeded, Kube, StopAtDeadline
 _log = log.get("lease")
 Obj = dict[str, Any]
 MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+LEASE_API = "coordination.k8s.io/v1"
 
 
 class LeaseWaited(Exception):  # a signal to the run, not an error
@@ -98,11 +99,16 @@ class RunLease:
         self.stale = False  # another run wrote while this pass was reading: look again
         self._gave_up: BootstrapError | None = None  # waited until the deadline: no retry
         self._lost: BootstrapError | None = None  # another run took the lease: write no more
+        self._renewed = 0.0  # time.monotonic() when this run last took or renewed the lease
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
     def before_write(self) -> None:
-        """The Kube client's write hook: hold the lease before the first write."""
+        """The Kube client's write hook: hold the lease before the first write, and one
+        renewed within two thirds of its duration before every other. Renewals fall behind
+        only when the run was paused (a suspended VM) or the API was slow: another run may
+        have taken the lease over meanwhile, and a write must not follow before that is
+        known (client-go's leader election stops leading after its RenewDeadline)."""
         with self._lock:
             if self._gave_up is not None:
                 raise self._gave_up
@@ -110,18 +116,21 @@ class RunLease:
                 raise self._lost
             if not self.held:
                 self._take()
+            elif time.monotonic() - self._renewed > self.duration_s * 2 / 3:
+                self._renew_now()
             if self.stale:
                 raise LeaseWaited(self.identity)
 
     def _take(self) -> None:
         self.stale = self._acquire()
+        self._renewed = time.monotonic()
         self.held = True
         threading.Thread(target=self._renew, name="lease-renew", daemon=True).start()
 
     def _lease(self, live: Obj | None, transitions: int) -> Obj:
         now = _format(_now())
         obj: Obj = {
-            "apiVersion": "coordination.k8s.io/v1",
+            "apiVersion": LEASE_API,
             "kind": "Lease",
             "metadata": {
                 "name": self.name,
@@ -168,7 +177,12 @@ class RunLease:
             interrupt.check()
             if may_be_missing and self._create():
                 return True
-            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
+            try:
+                live = self.kube.get(LEASE_API, "Lease", self.name, self.namespace)
+            except DeadlineExceeded as late:
+                if late.last is not None or waited_for is None:
+                    raise  # the API failed, or this run never waited: say what happened
+                return False  # a sleep ran past the deadline: the wait for the holder ends
             may_be_missing = live is None
             if live is None:
                 return False  # released and gone meanwhile; look again
@@ -218,14 +232,6 @@ class RunLease:
                 raise
             return True
 
-        def look() -> bool:
-            try:
-                return attempt()
-            except DeadlineExceeded as late:
-                if late.last is not None:
-                    raise  # the API failed until the deadline: that is what to report
-                return False  # a sleep overran the deadline: this wait gave up, say so
-
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda taken: not taken),
             # Polite: a run that waits minutes looks at most every 2 s.
@@ -234,7 +240,7 @@ class RunLease:
             sleep=interrupt.sleep,
             retry_error_callback=lambda _: False,
         )
-        if not retrying(look):
+        if not retrying(attempt):
             self._gave_up = BootstrapError(
                 f"another run kept Lease {self.namespace}/{self.name} "
                 f"(holder {waited_for}) past the deadline; re-run later"
@@ -248,29 +254,37 @@ class RunLease:
             with self._lock:
                 if not self.held or self._live is None:
                     return
-                lease = self._live
-                lease["spec"]["renewTime"] = _format(_now())
                 try:
-                    self._live = self.kube.replace(lease, guarded=False)
-                except ApiError as err:
-                    if err.status == 409:  # changed by someone else: not ours any more
-                        self._lose()
+                    self._renew_now()
+                except BootstrapError as err:
+                    if self._lost is not None:
                         return
                     _log.warning("could not renew the lease", error=str(err))
-                except BootstrapError as err:
-                    _log.warning("could not renew the lease", error=str(err))
 
-    def _lose(self) -> None:
-        """Another run took the lease over: this one could not renew it within its duration
-        (a paused VM, an API that did not answer). As client-go's leader election does
-        (tools/leaderelection/leaderelection.go: renew returns once a renewal fails, Run then
-        calls OnStoppedLeading, and release writes only while IsLeader), this run writes no
-        more and leaves the new holder's lease alone."""
+    def _renew_now(self) -> None:
+        """Renew the lease (holding self._lock). As client-go's tryAcquireOrRenew
+        (tools/leaderelection/leaderelection.go): when the quick update conflicts, read the
+        lease. Still this run's (an earlier answer was lost and the write retried, or
+        someone edited it): renew that. Another holder's, or gone: the lease is lost, and
+        as client-go then stops leading (renew returns, Run calls OnStoppedLeading, and
+        release writes only while IsLeader), this run writes no more and leaves it alone."""
+        assert self._live is not None
+        lease = self._live
+        lease["spec"]["renewTime"] = _format(_now())
         try:
-            live = self.kube.get("coordination.k8s.io/v1", "Lease", self.name, self.namespace)
-            holder = str(((live or {}).get("spec") or {}).get("holderIdentity") or "none")
-        except BootstrapError:
-            holder = "unknown"
+            self._live = self.kube.replace(lease, guarded=False)
+        except ApiError as err:
+            if err.status != 409:
+                raise
+            live = self.kube.get(LEASE_API, "Lease", self.name, self.namespace, lease=True)
+            holder = ((live or {}).get("spec") or {}).get("holderIdentity")
+            if live is None or holder != self.identity:
+                raise self._lose(str(holder or "none")) from None
+            live["spec"]["renewTime"] = _format(_now())
+            self._live = self.kube.replace(live, guarded=False)
+        self._renewed = time.monotonic()
+
+    def _lose(self, holder: str) -> BootstrapError:
         lease = f"{self.namespace}/{self.name}"
         _log.warning("lost the lease", lease=lease, holder=holder)
         self._lost = BootstrapError(
@@ -278,6 +292,7 @@ class RunLease:
             "because this run did not renew it in time; this run stopped writing; re-run"
         )
         self._live = None
+        return self._lost
 
     def release(self) -> None:
         """Hand the lease back (it is never deleted: the agent deletes nothing)."""

@@ -489,7 +489,8 @@ def test_the_log_ends_with_the_outcome_when_the_release_fails(
     """The service log's last line is the run's outcome (README, Talos), also when handing
     the Lease back fails and is warned about."""
     kubesim.faults.fail_next(1, 409, verb="update", path="/leases/")  # taken meanwhile
-    config = write(tmp_path / "config.yaml", basic_config())
+    # A lease that lasts 10 minutes is not renewed during the run: the 409 meets the release.
+    config = write(tmp_path / "config.yaml", {**basic_config(), "lease": {"durationSeconds": 600}})
     result = start_agent(kubesim.kubeconfig_path, config, tmp_path).finish()
     assert result.code == 0, result.output
     events = [e["event"] for e in result.events()]

@@ -3,7 +3,6 @@ Flux's controllers start while the site is seeded, and verify waits for them."""
 
 from __future__ import annotations
 
-import datetime as dt
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ from agent import interrupt, log
 from agent.apply import wait_until
 from agent.errors import BootstrapError
 from agent.kube import Kube, Watch, Watched, load_kubeconfig
-from agent.lease import RunLease
 from kubesim import KubeSim
 from tests.conftest import REPO, basic_config, fast_run_args, run_agent
 from tests.test_faults import start_agent
@@ -161,31 +159,23 @@ def test_a_look_the_deadline_overtakes_ends_as_the_wait_timing_out(
     assert str(raised.value).startswith("timed out waiting for the settings to be ready after")
 
 
-def test_a_lease_wait_the_deadline_overtakes_says_who_kept_it(
+def test_a_read_that_failed_before_the_deadline_overtook_it_is_named(
     kubesim: KubeSim, kube: Kube, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same for the wait for another run's Lease: every sleep here ends 0.6 s late, as
-    on a machine too busy to wake the run on time."""
-    put = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "alga-system"}}
-    kubesim.put(namespace)
-    kubesim.put(
-        {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": "alga-bootstrap", "namespace": "alga-system"},
-            "spec": {"holderIdentity": "other-node", "leaseDurationSeconds": 600, "renewTime": put},
-        }
-    )
-    late_sleep = interrupt.sleep
-    monkeypatch.setattr(interrupt, "sleep", lambda s, woken=None: late_sleep(s + 0.6, woken))
-    kube.deadline = time.monotonic() + 1.0
-    lease = RunLease(kube, namespace, "alga-bootstrap", 30)
+    """A look whose read failed (HTTP 503) and whose retry's sleep then ran past the
+    deadline: the run names that failure, not the wait."""
+    kubesim.faults.fail_next(10**6, 503, path="/configmaps/settings")
+    kube.deadline = time.monotonic() + 2.0
+    real_sleep = interrupt.sleep
+
+    def past_the_deadline(seconds: float, woken: Any = None) -> None:
+        assert kube.deadline is not None
+        real_sleep(max(seconds, kube.deadline - time.monotonic() + 0.2), woken)
+
+    monkeypatch.setattr(interrupt, "sleep", past_the_deadline)
     with pytest.raises(BootstrapError) as raised:
-        lease.before_write()
-    assert str(raised.value).startswith(
-        "another run kept Lease alga-system/alga-bootstrap (holder other-node) past the deadline"
-    )
+        wait_until("the settings to be ready", lambda: state(kube), kube.deadline, _log)
+    assert "get ConfigMap default/settings: HTTP 503" in str(raised.value), raised.value
 
 
 def test_the_site_is_seeded_while_flux_starts(kubesim_factory: Any, write_config: Any) -> None:
