@@ -100,6 +100,7 @@ class RunLease:
         self._gave_up: BootstrapError | None = None  # waited until the deadline: no retry
         self._lost: BootstrapError | None = None  # another run took the lease: write no more
         self._renewed = 0.0  # time.monotonic() when this run last took or renewed the lease
+        self._behind: BootstrapError | None = None  # an inline renewal failed: no writes
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -117,9 +118,27 @@ class RunLease:
             if not self.held:
                 self._take()
             elif time.monotonic() - self._renewed > self.duration_s * 2 / 3:
-                self._renew_now()
+                self._renew_before_write()
             if self.stale:
                 raise LeaseWaited(self.identity)
+
+    def _renew_before_write(self) -> None:
+        """Renew inline; once that failed, every later write fails at once (the writes of
+        one apply run side by side: each must not retry the renewal in turn) until the
+        renew thread succeeds."""
+        if self._behind is None:
+            behind_s = round(time.monotonic() - self._renewed)
+            try:
+                self._renew_now()
+                return
+            except BootstrapError as err:
+                if self._lost is not None:
+                    raise
+                self._behind = BootstrapError(
+                    f"could not renew Lease {self.namespace}/{self.name} before writing (last "
+                    f"renewed {behind_s}s ago; another run may take it over): {err}; re-run"
+                )
+        raise self._behind
 
     def _take(self) -> None:
         self.stale = self._acquire()
@@ -271,6 +290,7 @@ class RunLease:
         assert self._live is not None
         lease = self._live
         lease["spec"]["renewTime"] = _format(_now())
+        sent = time.monotonic()  # a late answer must not extend the lease's term here
         try:
             self._live = self.kube.replace(lease, guarded=False)
         except ApiError as err:
@@ -281,8 +301,9 @@ class RunLease:
             if live is None or holder != self.identity:
                 raise self._lose(str(holder or "none")) from None
             live["spec"]["renewTime"] = _format(_now())
+            sent = time.monotonic()
             self._live = self.kube.replace(live, guarded=False)
-        self._renewed = time.monotonic()
+        self._renewed, self._behind = sent, None
 
     def _lose(self, holder: str) -> BootstrapError:
         lease = f"{self.namespace}/{self.name}"

@@ -81,7 +81,7 @@ def test_a_first_write_after_the_deadline_blames_no_other_run(kube: Kube) -> Non
 def test_a_conflict_on_a_lease_still_ours_is_renewed(kubesim: KubeSim, kube: Kube) -> None:
     """A renewal whose answer was lost is retried and conflicts with itself; someone may
     also edit the Lease (a label). The holder is still this run: it renews, and writes on."""
-    lease = RunLease(kube, NAMESPACE, "alga-bootstrap", 30)
+    lease = RunLease(kube, NAMESPACE, "alga-bootstrap", 600)  # its thread renews in 200 s
     lease.before_write()  # takes it
     put_lease(kubesim, lease.identity, labels={"edited-by": "an-admin"})
     lease._renewed = 0.0  # as if the renewals had fallen behind: the next write renews
@@ -98,10 +98,10 @@ def test_a_write_after_the_renewals_fell_behind_finds_the_lease_taken(
 ) -> None:
     """A run paused (a suspended VM) past its lease's duration may have lost it: before its
     next write it renews, finds another holder, and writes no more."""
-    lease = RunLease(kube, NAMESPACE, "alga-bootstrap", 30)
+    lease = RunLease(kube, NAMESPACE, "alga-bootstrap", 600)
     lease.before_write()
     put_lease(kubesim, "other-node")
-    lease._renewed = time.monotonic() - 21  # more than two thirds of 30 s ago
+    lease._renewed = time.monotonic() - 401  # more than two thirds of 600 s ago
     for _ in range(2):  # and on every write after
         with pytest.raises(BootstrapError) as raised:
             lease.before_write()
@@ -110,3 +110,22 @@ def test_a_write_after_the_renewals_fell_behind_finds_the_lease_taken(
         )
     lease.release()
     assert holder(kubesim) == "other-node"  # left alone
+
+
+def test_a_renewal_that_fails_before_a_write_fails_the_writes_after_it_at_once(
+    kubesim: KubeSim, kube: Kube
+) -> None:
+    """The writes of one apply run side by side: after one failed renewal, the others fail
+    at once instead of each retrying the renewal in turn."""
+    lease = RunLease(kube, NAMESPACE, "alga-bootstrap", 600)
+    lease.before_write()
+    kubesim.faults.fail_next(10**6, 422, verb="update", path="/leases/")
+    lease._renewed = time.monotonic() - 401
+    asked = len(kubesim.requests)
+    for _ in range(3):
+        with pytest.raises(BootstrapError) as raised:
+            lease.before_write()
+        assert str(raised.value).startswith(
+            "could not renew Lease alga-system/alga-bootstrap before writing (last renewed 401s"
+        ), raised.value
+    assert len(kubesim.requests) == asked + 1  # one renewal tried, not three
