@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,20 @@ BOOKKEEPING = re.compile(
 
 def writes_beyond_bookkeeping(sim: Any) -> list[str]:
     return [r["path"] for r in sim.writes() if not BOOKKEEPING.search(r["path"])]
+
+
+@pytest.fixture
+def sleeps_past_the_deadline(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], None]:
+    """Call with a Kube client: from then on every retry's sleep ends 0.2 s past its
+    deadline, as on a machine too busy to wake the run on time."""
+    from agent import interrupt
+
+    real_sleep = interrupt.sleep
+
+    def arm(kube: Any) -> None:
+        def past_the_deadline(seconds: float, woken: Any = None) -> None:
+            real_sleep(max(seconds, kube.deadline - time.monotonic() + 0.2), woken)
+
+        monkeypatch.setattr(interrupt, "sleep", past_the_deadline)
+
+    return arm

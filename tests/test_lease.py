@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from agent import interrupt
 from agent.errors import BootstrapError
 from agent.kube import Kube, load_kubeconfig
 from agent.lease import RunLease
@@ -47,20 +46,14 @@ def holder(sim: KubeSim) -> str | None:
 
 
 def test_a_lease_wait_the_deadline_overtakes_says_who_kept_it(
-    kubesim: KubeSim, kube: Kube, monkeypatch: pytest.MonkeyPatch
+    kubesim: KubeSim, kube: Kube, sleeps_past_the_deadline: Any
 ) -> None:
     """On a machine too busy to wake the run on time, the sleep between two looks at the
     holder's Lease ends after the deadline: the run says who kept the lease, not which read
     it had no time left to send."""
     put_lease(kubesim, "other-node")
     kube.deadline = time.monotonic() + 2.0
-    real_sleep = interrupt.sleep
-
-    def past_the_deadline(seconds: float, woken: Any = None) -> None:
-        assert kube.deadline is not None
-        real_sleep(max(seconds, kube.deadline - time.monotonic() + 0.2), woken)
-
-    monkeypatch.setattr(interrupt, "sleep", past_the_deadline)
+    sleeps_past_the_deadline(kube)
     with pytest.raises(BootstrapError) as raised:
         RunLease(kube, NAMESPACE, "alga-bootstrap", 30).before_write()
     assert str(raised.value) == (

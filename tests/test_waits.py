@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent import interrupt, log
+from agent import log
 from agent.apply import wait_until
 from agent.errors import BootstrapError
 from agent.kube import Kube, Watch, Watched, load_kubeconfig
@@ -160,19 +160,13 @@ def test_a_look_the_deadline_overtakes_ends_as_the_wait_timing_out(
 
 
 def test_a_read_that_failed_before_the_deadline_overtook_it_is_named(
-    kubesim: KubeSim, kube: Kube, monkeypatch: pytest.MonkeyPatch
+    kubesim: KubeSim, kube: Kube, sleeps_past_the_deadline: Any
 ) -> None:
     """A look whose read failed (HTTP 503) and whose retry's sleep then ran past the
     deadline: the run names that failure, not the wait."""
     kubesim.faults.fail_next(10**6, 503, path="/configmaps/settings")
     kube.deadline = time.monotonic() + 2.0
-    real_sleep = interrupt.sleep
-
-    def past_the_deadline(seconds: float, woken: Any = None) -> None:
-        assert kube.deadline is not None
-        real_sleep(max(seconds, kube.deadline - time.monotonic() + 0.2), woken)
-
-    monkeypatch.setattr(interrupt, "sleep", past_the_deadline)
+    sleeps_past_the_deadline(kube)
     with pytest.raises(BootstrapError) as raised:
         wait_until("the settings to be ready", lambda: state(kube), kube.deadline, _log)
     assert "get ConfigMap default/settings: HTTP 503" in str(raised.value), raised.value
