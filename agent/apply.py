@@ -276,9 +276,7 @@ def apply_staged(
 
 
 def _established(kube: Kube, names: set[str]) -> bool | None:
-    live = kube.list(health.CRD_API, "CustomResourceDefinition")
-    ready = {c["metadata"]["name"] for c in live if health.crd(c).state == health.READY}
-    return True if names <= ready else None
+    return True if names <= health.established_crds(kube).keys() else None
 
 
 def wait_until(

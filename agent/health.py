@@ -216,6 +216,15 @@ def crd(definition: Obj | None) -> Health:
     return Health(PROGRESSING, "", "not Established yet")
 
 
+def established_crds(kube: Kube) -> dict[str, Obj]:
+    """The cluster's CustomResourceDefinitions that serve (see crd), by name."""
+    return {
+        c["metadata"]["name"]: c
+        for c in kube.list(CRD_API, "CustomResourceDefinition")
+        if crd(c).state == READY
+    }
+
+
 def controller_namespaces(deployments: list[Obj]) -> list[str]:
     return sorted({d["metadata"]["namespace"] for d in deployments})
 

@@ -18,7 +18,7 @@ from agent.apply import (
 )
 from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
-from agent.health import CRD_API, MANAGED_BY_LABEL, OUR_MANAGERS
+from agent.health import MANAGED_BY_LABEL, OUR_MANAGERS
 from agent.kube import Kube
 from agent.step import StepResult, step
 
@@ -130,14 +130,10 @@ def _refuse_dropping_stored_versions(
 
 def _running(ctx: Inputs) -> bool:
     """Every CRD Established at the bundled version, every controller Available."""
-    live = {c["metadata"]["name"]: c for c in ctx.kube.list(CRD_API, "CustomResourceDefinition")}
+    established = health.established_crds(ctx.kube)
     for crd in ctx.bundle.crds:
-        found = live.get(crd["metadata"]["name"])
-        if (
-            found is None
-            or health.crd(found).state != health.READY
-            or found["metadata"].get("labels", {}).get("app.kubernetes.io/version")
-            != ctx.bundle.version
-        ):
+        found = established.get(crd["metadata"]["name"])
+        labels = found["metadata"].get("labels", {}) if found else {}
+        if labels.get("app.kubernetes.io/version") != ctx.bundle.version:
             return False
     return not health.unready_controllers(ctx.kube, ctx.bundle.deployments)
