@@ -97,8 +97,9 @@ class RunLease:
         self.held = False
         self._live: Obj | None = None  # the lease as last written by this run
         self.stale = False  # another run wrote while this pass was reading: look again
-        self._gave_up: BootstrapError | None = None  # waited until the deadline: no retry
-        self._lost: BootstrapError | None = None  # another run took the lease: write no more
+        # Every later write fails with this: the lease was never had (waited until the
+        # deadline) or was lost to another run.
+        self._refused: BootstrapError | None = None
         self._renewed = 0.0  # time.monotonic() when this run last took or renewed the lease
         self._behind: BootstrapError | None = None  # an inline renewal failed: no writes
         self._stop = threading.Event()
@@ -111,10 +112,8 @@ class RunLease:
         have taken the lease over meanwhile, and a write must not follow before that is
         known (client-go's leader election stops leading after its RenewDeadline)."""
         with self._lock:
-            if self._gave_up is not None:
-                raise self._gave_up
-            if self._lost is not None:
-                raise self._lost
+            if self._refused is not None:
+                raise self._refused
             if not self.held:
                 self._take()
             elif time.monotonic() - self._renewed > self.duration_s * 2 / 3:
@@ -132,7 +131,7 @@ class RunLease:
                 self._renew_now()
                 return
             except BootstrapError as err:
-                if self._lost is not None:
+                if self._refused is not None:
                     raise
                 self._behind = BootstrapError(
                     f"could not renew Lease {self.namespace}/{self.name} before writing (last "
@@ -260,11 +259,11 @@ class RunLease:
             retry_error_callback=lambda _: False,
         )
         if not retrying(attempt):
-            self._gave_up = BootstrapError(
+            self._refused = BootstrapError(
                 f"another run kept Lease {self.namespace}/{self.name} "
                 f"(holder {waited_for}) past the deadline; re-run later"
             )
-            raise self._gave_up
+            raise self._refused
         _log.info("lease acquired", lease=f"{self.namespace}/{self.name}", identity=self.identity)
         return others_active or waited_for is not None
 
@@ -276,7 +275,7 @@ class RunLease:
                 try:
                     self._renew_now()
                 except BootstrapError as err:
-                    if self._lost is not None:
+                    if self._refused is not None:
                         return
                     _log.warning("could not renew the lease", error=str(err))
 
@@ -308,12 +307,12 @@ class RunLease:
     def _lose(self, holder: str) -> BootstrapError:
         lease = f"{self.namespace}/{self.name}"
         _log.warning("lost the lease", lease=lease, holder=holder)
-        self._lost = BootstrapError(
+        self._refused = BootstrapError(
             f"another run (holder {holder}) took over Lease {lease} while this run held it, "
             "because this run did not renew it in time; this run stopped writing; re-run"
         )
         self._live = None
-        return self._lost
+        return self._refused
 
     def release(self) -> None:
         """Hand the lease back (it is never deleted: the agent deletes nothing)."""
