@@ -74,7 +74,9 @@ class Health:
 
 
 def condition(obj: Obj | None, kind: str) -> Obj | None:
-    for cond in (obj or {}).get("status", {}).get("conditions", []):
+    # `conditions: null` is what kube-apiserver stores for a new CRD until its controllers
+    # set them (apiextensions/v1 CustomResourceDefinitionStatus.Conditions has no omitempty).
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             found: Obj = cond
             return found

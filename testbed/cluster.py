@@ -479,6 +479,7 @@ class Cluster:
             "--log-level=debug",
         ]
         src_tmp = self.workdir / "tmp-source-controller"
+        (self.workdir / "source-data").mkdir(exist_ok=True)  # it refuses a missing one
         return [
             Process(
                 "source-controller",

@@ -920,3 +920,22 @@ def test_the_simulated_flux_builds_as_kustomize_does(tmp_path: Path, write_confi
     assert by_name(real)[("Kustomization", "alga-background")]["spec"]["patches"][0] == (
         UPSTREAM_PATCH
     )
+
+
+@pytest.mark.parametrize("mode", ["profile", "base"])
+def test_alga_core_installs_and_upgrades_without_helms_wait(
+    kubesim: KubeSim, write_config: Any, mode: str
+) -> None:
+    """Upstream's fix of the first-install deadlock (5011d117a6): the bootstrap hook Job that
+    alga-core's server waits for runs only after Helm's wait, so alga-core must not wait.
+    Upstream's releases set no disableWait at the pinned commit; the others keep waiting."""
+    assert not any("disableWait" in json.dumps(r["spec"]) for r in HELM_RELEASES)
+    run_mode(kubesim, write_config, mode)
+    releases = live_releases(kubesim)
+    core = releases["alga-core"]["spec"]
+    assert core["install"]["disableWait"] is True
+    assert core["upgrade"]["disableWait"] is True
+    assert core["install"]["remediation"] == {"retries": 5}  # upstream's own, kept
+    for name, release in releases.items():
+        if name != "alga-core":
+            assert "disableWait" not in json.dumps(release["spec"]), name

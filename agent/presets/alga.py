@@ -42,6 +42,15 @@ CHILD_OF = {
     "temporal-worker": "alga-background",
 }
 
+# HelmReleases that must install and upgrade without Helm's wait, as upstream's fix
+# (Nine-Minds/alga-psa 5011d117a6, ee/appliance/flux/base/releases/alga-core.yaml) makes
+# them. At the pinned commit the server Pod's init container `wait-for-bootstrap`
+# (helm/templates/deployment.yaml) waits for the `users` table, which only the
+# post-install hook Job creates (helm/templates/jobs.yaml), and Helm runs post-install
+# hooks only once its wait is over: the first install would time out and be remediated
+# again and again. The other five releases have no hook that what they wait for needs.
+INSTALL_WITHOUT_WAIT = ("alga-core",)
+
 
 @dataclass(frozen=True)
 class PinnedImage:
@@ -454,6 +463,11 @@ def root_patches(
     for component, images in post_renderer_images(tags).items():
         release_ops.setdefault(component, []).extend(
             guarded_add("/spec/postRenderers", [{"kustomize": {"images": images}}])
+        )
+    for component in INSTALL_WITHOUT_WAIT:
+        release_ops.setdefault(component, []).extend(
+            {"op": "add", "path": f"/spec/{action}/disableWait", "value": True}
+            for action in ("install", "upgrade")
         )
     child_patches: dict[str, list[dict[str, Any]]] = {}
     for component, ops in release_ops.items():
