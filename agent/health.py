@@ -231,14 +231,36 @@ def controller_namespaces(deployments: list[Obj]) -> list[str]:
     return sorted({d["metadata"]["namespace"] for d in deployments})
 
 
-def unready_controllers(kube: Kube, deployments: list[Obj]) -> list[tuple[Obj, Health]]:
-    """Those of Flux's controller Deployments that are not Ready, each with its health:
-    failed ones first. Empty once Flux runs."""
-    live = {
+def live_controllers(kube: Kube, deployments: list[Obj]) -> dict[tuple[str, str], Obj]:
+    """Flux's controller Deployments as the cluster has them, by namespace and name."""
+    return {
         (d["metadata"]["namespace"], d["metadata"]["name"]): d
         for ns in controller_namespaces(deployments)
         for d in kube.list("apps/v1", "Deployment", ns)
     }
+
+
+def spec_edited_by_others(obj: Obj, manager: str) -> list[str]:
+    """The field managers other than `manager` that own part of the object's spec: someone
+    edited it (`kubectl set image`, `kubectl edit`). Status writes and metadata (the
+    deployment controller's revision annotation) do not count."""
+    return sorted(
+        {
+            str(entry.get("manager"))
+            for entry in obj.get("metadata", {}).get("managedFields") or []
+            if entry.get("manager") != manager
+            and not entry.get("subresource")
+            and "f:spec" in (entry.get("fieldsV1") or {})
+        }
+    )
+
+
+def unready_controllers(
+    kube: Kube, deployments: list[Obj], live: dict[tuple[str, str], Obj] | None = None
+) -> list[tuple[Obj, Health]]:
+    """Those of Flux's controller Deployments that are not Ready, each with its health:
+    failed ones first. Empty once Flux runs."""
+    live = live_controllers(kube, deployments) if live is None else live
     unready = []
     for desired in deployments:
         meta = desired["metadata"]

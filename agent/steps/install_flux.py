@@ -19,7 +19,7 @@ from agent.apply import (
 from agent.bundle import FluxBundle
 from agent.errors import NeedsDecision
 from agent.health import MANAGED_BY_LABEL, OUR_MANAGERS
-from agent.kube import Kube
+from agent.kube import FIELD_MANAGER, Kube
 from agent.step import StepResult, step
 
 NAME = "install-flux"
@@ -129,11 +129,23 @@ def _refuse_dropping_stored_versions(
 
 
 def _running(ctx: Inputs) -> bool:
-    """Every CRD Established at the bundled version, every controller Available."""
+    """Every CRD Established at the bundled version, every controller Available, and no
+    controller's spec edited by another field manager (kubectl set image leaves it
+    Available: only a full compare finds and repairs it)."""
     established = health.established_crds(ctx.kube)
     for crd in ctx.bundle.crds:
         found = established.get(crd["metadata"]["name"])
         labels = found["metadata"].get("labels", {}) if found else {}
         if labels.get("app.kubernetes.io/version") != ctx.bundle.version:
             return False
-    return not health.unready_controllers(ctx.kube, ctx.bundle.deployments)
+    live = health.live_controllers(ctx.kube, ctx.bundle.deployments)
+    for deployment in live.values():
+        editors = health.spec_edited_by_others(deployment, FIELD_MANAGER)
+        if editors:
+            _log.info(
+                "controller edited; comparing every object",
+                deployment=deployment["metadata"]["name"],
+                managers=editors,
+            )
+            return False
+    return not health.unready_controllers(ctx.kube, ctx.bundle.deployments, live)
