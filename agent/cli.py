@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 exit_code=err.exit_code,
                 seconds=round(time.monotonic() - started, 2),
             )
-        print(f"alga-bootstrap: error: {message}", file=sys.stderr)
+        print(f"alga-bootstrap: error: {log.one_line(message)}", file=sys.stderr)
         return err.exit_code
     except interrupt.Interrupted as stop:
         if args.command == "run":

@@ -218,3 +218,15 @@ def test_a_failed_fetch_ends_the_run_with_fluxs_message(
     config = write_config(basic_config(ref={"tag": "v1.0.0"}))
     again = run_agent(*fast_run_args(config, kubesim.kubeconfig_path, "--timeout", "60s"))
     assert again.code == 0, again.output
+
+
+def test_a_git_servers_multi_line_error_stays_one_line(kubesim: KubeSim, write_config: Any) -> None:
+    """A Git server's error text reaches the run's final line through source-controller's
+    message (seen on the real test bed: a 401 from the Git server); the line stays one line,
+    its control characters shown as escapes."""
+    message = f"unable to clone '{URL}': authentication required:\nline two\r\x1b]0;title\x07"
+    kubesim.controllers.source_failures[URL] = Outcome("GitOperationFailed", message)
+    result = run_agent(*fast_run_args(write_config(basic_config()), kubesim.kubeconfig_path))
+    assert result.code == 1, result.output
+    (line,) = result.messages()
+    assert "authentication required:\\nline two\\r\\x1b]0;title\\x07" in line, line
