@@ -17,11 +17,20 @@ from typing import Any
 
 Schema = dict[str, Any]
 
-OPEN: Schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+# A struct kubesim does not spell out: kept whole, its keys are fields (kubesim/fields.py).
+OPEN: Schema = {
+    "type": "object",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "x-kubesim-struct": True,
+}
 QUANTITY: Schema = {"x-kubesim-quantity": True}
 ATOMIC_MAP: Schema = {"type": "object", "x-kubernetes-map-type": "atomic", **OPEN}
 STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
-QUANTITY_MAP: Schema = {"type": "object", "additionalProperties": QUANTITY}
+# A core/v1 ResourceList: its quantities are rounded up to milli-units (quantity.canonical).
+QUANTITY_MAP: Schema = {
+    "type": "object",
+    "additionalProperties": {"x-kubesim-quantity": "ResourceList"},
+}
 ATOMIC_LIST: Schema = {"type": "array", "x-kubernetes-list-type": "atomic"}
 
 
@@ -66,6 +75,20 @@ OBJECT_META = _obj(
     managedFields=ATOMIC_LIST,
 )
 
+# core/v1 EnvVarSource: fieldRef (ObjectFieldSelector), resourceFieldRef (ResourceFieldSelector,
+# whose divisor is a Quantity), configMapKeyRef and secretKeyRef are all +structType=atomic.
+ENV_SOURCE = _obj(
+    fieldRef=ATOMIC_MAP,
+    resourceFieldRef={
+        "type": "object",
+        "x-kubernetes-map-type": "atomic",
+        "properties": {"containerName": {}, "resource": {}, "divisor": QUANTITY},
+    },
+    configMapKeyRef=ATOMIC_MAP,
+    secretKeyRef=ATOMIC_MAP,
+    fileKeyRef=ATOMIC_MAP,
+)
+
 # core/v1 ResourceRequirements: limits and requests are ResourceLists (maps of Quantity);
 # claims +listType=map +listMapKey=name.
 RESOURCES = _obj(limits=QUANTITY_MAP, requests=QUANTITY_MAP, claims=_map_list(OPEN, "name"))
@@ -86,7 +109,7 @@ CONTAINER = _obj(
         "protocol",
     ),
     envFrom=ATOMIC_LIST,
-    env=_map_list(_obj(name={}, value={}, valueFrom=OPEN), "name"),
+    env=_map_list(_obj(name={}, value={}, valueFrom=ENV_SOURCE), "name"),
     resources=RESOURCES,
     resizePolicy=ATOMIC_LIST,
     restartPolicy={},
@@ -124,6 +147,7 @@ VOLUME = {
         "ephemeral": _obj(volumeClaimTemplate=_obj(metadata=OPEN, spec=PVC_SPEC)),
     },
     "x-kubernetes-preserve-unknown-fields": True,
+    "x-kubesim-struct": True,
 }
 
 # core/v1 PodSpec. volumes, containers, initContainers, ephemeralContainers,
@@ -172,7 +196,12 @@ POD_SPEC = _obj(
 )
 
 POD_TEMPLATE = _obj(metadata=OBJECT_META, spec=POD_SPEC)
-ROLE_REF = _obj(apiGroup={}, kind={}, name={})
+# rbac/v1 RoleRef: +structType=atomic, owned and replaced whole.
+ROLE_REF = {
+    "type": "object",
+    "x-kubernetes-map-type": "atomic",
+    **_obj(apiGroup={}, kind={}, name={}),
+}
 
 # apps/v1 DeploymentSpec (selector: LabelSelector, +structType=atomic).
 DEPLOYMENT_SPEC = _obj(
@@ -210,6 +239,7 @@ SERVICE_SPEC = {
         "loadBalancerSourceRanges": ATOMIC_LIST,
     },
     "x-kubernetes-preserve-unknown-fields": True,
+    "x-kubesim-struct": True,
 }
 
 
@@ -230,22 +260,27 @@ SCHEMAS: dict[str, Schema] = {
     "Service": _kind(spec=SERVICE_SPEC, status=OPEN),
     "Event": OPEN,
     "Node": _kind(spec=OPEN, status=OPEN),
+    # core/v1 ResourceQuotaSpec: scopes +listType=atomic, scopeSelector +structType=atomic.
     "ResourceQuota": _kind(
-        spec={
-            "type": "object",
-            "properties": {"hard": QUANTITY_MAP},
-            "x-kubernetes-preserve-unknown-fields": True,
-        },
+        spec=_obj(hard=QUANTITY_MAP, scopes=ATOMIC_LIST, scopeSelector=ATOMIC_MAP),
         status=_obj(hard=QUANTITY_MAP, used=QUANTITY_MAP),
     ),
     "PersistentVolumeClaim": _kind(spec=PVC_SPEC, status=OPEN),
     "Deployment": _kind(spec=DEPLOYMENT_SPEC, status=OPEN),
     "ClusterRole": _kind(rules=ATOMIC_LIST, aggregationRule=OPEN),
     "Role": _kind(rules=ATOMIC_LIST),
-    # rbac/v1 RoleRef has no +structType=atomic: its fields are owned one by one.
     "ClusterRoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ROLE_REF),
     "RoleBinding": _kind(subjects=ATOMIC_LIST, roleRef=ROLE_REF),
-    "NetworkPolicy": _kind(spec=OPEN),
+    # networking/v1 NetworkPolicySpec: podSelector a LabelSelector (+structType=atomic);
+    # ingress, egress, policyTypes +listType=atomic.
+    "NetworkPolicy": _kind(
+        spec=_obj(
+            podSelector=ATOMIC_MAP,
+            ingress=ATOMIC_LIST,
+            egress=ATOMIC_LIST,
+            policyTypes=ATOMIC_LIST,
+        )
+    ),
     "StorageClass": _kind(
         provisioner={},
         parameters=STRING_MAP,
@@ -256,8 +291,82 @@ SCHEMAS: dict[str, Schema] = {
         allowedTopologies=ATOMIC_LIST,
     ),
     "Lease": _kind(spec=OPEN),
-    "CustomResourceDefinition": _kind(spec=OPEN, status=OPEN),
+    # apiextensions/v1 CustomResourceDefinitionStatus: conditions +listType=map
+    # +listMapKey=type; acceptedNames' shortNames and categories, storedVersions atomic.
+    "CustomResourceDefinition": _kind(
+        spec=OPEN,
+        status=_obj(
+            conditions=_map_list(OPEN, "type"),
+            acceptedNames=_obj(
+                plural={},
+                singular={},
+                shortNames=ATOMIC_LIST,
+                kind={},
+                listKind={},
+                categories=ATOMIC_LIST,
+            ),
+            storedVersions=ATOMIC_LIST,
+        ),
+    ),
 }
+
+# The maps and lists each kind's Go zero value holds (struct fields, which are never omitted,
+# and slices without omitempty, null): what a create is compared with when its manager's fields
+# are worked out (kubesim/fields.py, changed_paths). Kinds not listed have none.
+ZERO: dict[str, dict[str, Any]] = {
+    "Namespace": {"spec": {}, "status": {}},
+    "Service": {"spec": {}, "status": {"loadBalancer": {}}},
+    "ResourceQuota": {"spec": {}, "status": {}},
+    "PersistentVolumeClaim": {"spec": {"resources": {}}, "status": {}},
+    "Deployment": {
+        "spec": {
+            "selector": None,
+            "template": {"metadata": {}, "spec": {"containers": None}},
+            "strategy": {},
+        },
+        "status": {},
+    },
+    "ClusterRole": {"rules": None},
+    "Role": {"rules": None},
+    "ClusterRoleBinding": {"roleRef": {}},
+    "RoleBinding": {"roleRef": {}},
+    "NetworkPolicy": {"spec": {"podSelector": {}}},
+    "Lease": {"spec": {}},
+    "Node": {"spec": {}, "status": {"daemonEndpoints": {"kubeletEndpoint": {}}, "nodeInfo": {}}},
+    "CustomResourceDefinition": {
+        "spec": {"names": {}, "versions": None},
+        "status": {"acceptedNames": {}, "conditions": None, "storedVersions": None},
+    },
+}
+
+# The kinds whose registry strategy keeps metadata.generation (PrepareForCreate sets it to 1,
+# PrepareForUpdate adds one when the spec changes: pkg/registry/apps/deployment/strategy.go,
+# pkg/registry/networking/networkpolicy/strategy.go, apiextensions-apiserver
+# pkg/registry/customresourcedefinition/strategy.go); custom resources have it too
+# (apiextensions-apiserver pkg/registry/customresource/strategy.go). The others never do.
+GENERATION_KINDS = {"Deployment", "NetworkPolicy", "CustomResourceDefinition"}
+
+
+def zero_fields(kind: str, obj: dict[str, Any]) -> None:
+    """What the real server writes out for a field it holds as a Go struct (never omitted,
+    even with `omitempty`, when empty): `status: {}` of a Deployment or ResourceQuota that no
+    controller has written, a Service's `status.loadBalancer: {}`."""
+    if kind in ("Deployment", "ResourceQuota", "Service"):
+        status = obj.get("status")
+        if not isinstance(status, dict):
+            status = obj["status"] = {}
+        if kind == "Service":
+            status.setdefault("loadBalancer", {})
+
+
+def strip_zero_fields(kind: str, obj: dict[str, Any]) -> None:
+    """The inverse of zero_fields, for what is stored."""
+    if kind in ("Deployment", "ResourceQuota", "Service"):
+        status = obj.get("status")
+        if isinstance(status, dict) and status.get("loadBalancer") == {} and kind == "Service":
+            del status["loadBalancer"]
+        if status == {}:
+            del obj["status"]
 
 
 # -- defaults ---------------------------------------------------------------------------------
@@ -275,9 +384,25 @@ def set_defaults(kind: str, obj: dict[str, Any]) -> None:
         labels["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
     elif kind == "Secret":
         obj.setdefault("type", "Opaque")  # core/v1 defaults.go, SetDefaults_Secret
+    elif kind == "CustomResourceDefinition":
+        _crd(obj.setdefault("spec", {}))
     elif kind == "PersistentVolumeClaim":
         # core/v1 defaults.go, SetDefaults_PersistentVolumeClaimSpec
         obj.setdefault("spec", {}).setdefault("volumeMode", "Filesystem")
+
+
+def _crd(spec: dict[str, Any]) -> None:
+    # apiextensions-apiserver pkg/apis/apiextensions/v1/defaults.go,
+    # SetDefaults_CustomResourceDefinitionSpec: singular and listKind from kind, conversion
+    # None.
+    names = spec.get("names")
+    if isinstance(names, dict) and names.get("kind"):
+        if not names.get("singular"):
+            names["singular"] = str(names["kind"]).lower()
+        if not names.get("listKind"):
+            names["listKind"] = f"{names['kind']}List"
+    if spec.get("conversion") is None:
+        spec["conversion"] = {"strategy": "None"}
 
 
 def _deployment(spec: dict[str, Any]) -> None:
@@ -334,6 +459,8 @@ def _container(container: dict[str, Any]) -> None:
         tag = last.partition(":")[2]
         always = bool(image) and (tag == "latest" or (not tag and not digest))
         container["imagePullPolicy"] = "Always" if always else "IfNotPresent"
+    # ResourceRequirements is a struct, never omitted: `resources: {}`.
+    container.setdefault("resources", {})
     container.setdefault("terminationMessagePath", "/dev/termination-log")
     container.setdefault("terminationMessagePolicy", "File")
     for port in container.get("ports") or []:
@@ -346,6 +473,11 @@ def _container(container: dict[str, Any]) -> None:
         field_ref = (env.get("valueFrom") or {}).get("fieldRef")
         if isinstance(field_ref, dict):
             field_ref.setdefault("apiVersion", "v1")  # SetDefaults_ObjectFieldSelector
+        resource_ref = (env.get("valueFrom") or {}).get("resourceFieldRef")
+        if isinstance(resource_ref, dict):
+            # ResourceFieldSelector.divisor is a resource.Quantity, not a pointer: written
+            # out as "0" when unset.
+            resource_ref.setdefault("divisor", "0")
     for probe_key in ("livenessProbe", "readinessProbe", "startupProbe"):
         probe = container.get(probe_key)
         if isinstance(probe, dict):

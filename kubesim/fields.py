@@ -9,6 +9,14 @@ as for a container port's protocol), `set` lists by value (`v:"a"`), and any oth
 (`atomic`, or no schema) is one leaf, owned and replaced whole. A map marked
 `x-kubernetes-map-type: atomic` is one leaf too. `schema` None means an object the simulator
 has no schema for: its maps are granular, its lists atomic.
+
+Besides leaves and list items, a manager may own a map or list itself, written `".": {}`
+beside its fields in fieldsV1 (fieldpath/serialize.go). An applier owns the value of a key
+that is not a field of a struct (a key of a map, or of an object under a CRD's
+x-kubernetes-preserve-unknown-fields: typed/tofieldset.go, visitMapItems); an updater owns
+each map or list its write added, the fields of a new list item too (typed/compare.go: the
+Added set holds every node the write created, compared with the live object or, for a
+create, with the Go type's zero value).
 """
 
 from __future__ import annotations
@@ -40,15 +48,43 @@ _UNOWNED_METADATA = {
 }
 
 
+# What lies under a CRD schema's x-kubernetes-preserve-unknown-fields, past its properties: in
+# structured-merge-diff a deduced type, whose maps are maps (their keys are no fields) and whose
+# lists are atomic. kubesim's own schemas of built-in structs mark themselves
+# `x-kubesim-struct`: what they leave out are still fields.
+UNTYPED: dict[str, Any] = {"x-kubesim-untyped": True}
+
+
 def child(schema: Schema, key: str) -> Schema:
     if not schema:
         return None
+    if schema.get("x-kubesim-untyped"):
+        return schema
     props = schema.get("properties", {})
     if key in props:
         known: Schema = props[key]
         return known or None
     extra = schema.get("additionalProperties")
-    return extra if isinstance(extra, dict) else None
+    if isinstance(extra, dict):
+        return extra
+    if schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("x-kubesim-struct"):
+        return UNTYPED
+    return None
+
+
+def _declared(schema: Schema, key: str) -> bool:
+    """Whether `key` is a field of a struct (else a key of a map)."""
+    if not schema:
+        return True
+    if schema.get("x-kubesim-untyped"):
+        return False
+    if key in schema.get("properties", {}):
+        return True
+    if isinstance(schema.get("additionalProperties"), dict):
+        return False
+    return not schema.get("x-kubernetes-preserve-unknown-fields") or bool(
+        schema.get("x-kubesim-struct")
+    )
 
 
 def _list_type(schema: Schema) -> str:
@@ -77,25 +113,33 @@ def item_element(schema: Schema, item: Any) -> Item:
     return Item("k:" + json.dumps(key, sort_keys=True, separators=(",", ":")))
 
 
-def leaf_paths(obj: dict[str, Any], schema: Schema = None, status: bool = False) -> set[Path]:
-    """Every path a manager would own by sending `obj` (an applied configuration); with
-    `status`, those of its status only."""
-    out: set[Path] = set()
+def _walk(obj: dict[str, Any], schema: Schema, status: bool) -> list[tuple[str, Path]]:
+    """Every path of `obj` that ownership can name, each as ("leaf", path), ("item", path),
+    ("node", path) for a map or list with children under a struct field, or ("key", path) for
+    one under a map key."""
+    out: list[tuple[str, Path]] = []
 
-    def walk(node: Any, node_schema: Schema, prefix: Path) -> None:
+    def walk(node: Any, node_schema: Schema, prefix: Path, declared: bool) -> None:
         if isinstance(node, dict) and node and not _atomic_map(node_schema):
+            out.append(("node" if declared else "key", prefix))
             for key, value in node.items():
-                walk(value, child(node_schema, key), (*prefix, key))
+                walk(value, child(node_schema, key), (*prefix, key), _declared(node_schema, key))
         elif isinstance(node, list) and node and _list_type(node_schema) in ("map", "set"):
+            out.append(("node" if declared else "key", prefix))
             item_schema = _items(node_schema)
             for item in node:
                 element = item_element(node_schema, item)
-                out.add((*prefix, element))
+                out.append(("item", (*prefix, element)))
                 if isinstance(item, dict) and _list_type(node_schema) == "map":
                     for key, value in item.items():
-                        walk(value, child(item_schema, key), (*prefix, element, key))
+                        walk(
+                            value,
+                            child(item_schema, key),
+                            (*prefix, element, key),
+                            _declared(item_schema, key),
+                        )
         else:
-            out.add(prefix)
+            out.append(("leaf", prefix))
 
     for key, value in obj.items():
         if key in ("apiVersion", "kind") or (key == "status") != status:
@@ -104,10 +148,27 @@ def leaf_paths(obj: dict[str, Any], schema: Schema = None, status: bool = False)
             meta_schema = child(schema, "metadata")
             for mkey, mvalue in value.items():
                 if mkey not in _UNOWNED_METADATA:
-                    walk(mvalue, child(meta_schema, mkey), ("metadata", mkey))
+                    walk(
+                        mvalue,
+                        child(meta_schema, mkey),
+                        ("metadata", mkey),
+                        _declared(meta_schema, mkey),
+                    )
             continue
-        walk(value, child(schema, key), (key,))
+        walk(value, child(schema, key), (key,), _declared(schema, key))
     return out
+
+
+def leaf_paths(obj: dict[str, Any], schema: Schema = None, status: bool = False) -> set[Path]:
+    """Every path a manager would own by applying `obj` (an applied configuration): its
+    leaves, list items and the values of map keys that have children; with `status`, those of
+    its status only."""
+    return {path for what, path in _walk(obj, schema, status) if what != "node"}
+
+
+def node_paths(obj: dict[str, Any], schema: Schema = None, status: bool = False) -> set[Path]:
+    """The maps and lists of `obj` that have children."""
+    return {path for what, path in _walk(obj, schema, status) if what in ("node", "key")}
 
 
 MISSING = object()
@@ -239,12 +300,16 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-def changed_paths(old: dict[str, Any], new: dict[str, Any], schema: Schema = None) -> set[Path]:
+def changed_paths(
+    old: dict[str, Any], new: dict[str, Any], schema: Schema = None, status: bool = False
+) -> set[Path]:
     """Paths of `new` whose value differs from `old` (added or changed); a list item counts
-    as changed only when it is new, its fields count for themselves."""
+    as changed only when it is new, its fields count for themselves. With `status`, those of
+    the status only (a write to the status subresource)."""
     out = set()
-    for path in leaf_paths(new, schema):
-        if isinstance(path[-1], Item):
+    for what, path in _walk(new, schema, status):
+        if what in ("item", "node", "key"):
+            # Only a new one: a map or item that was there already is not changed itself.
             if not has_path(old, path, schema):
                 out.add(path)
         elif get_path(old, path, schema) != get_path(new, path, schema):
@@ -254,13 +319,16 @@ def changed_paths(old: dict[str, Any], new: dict[str, Any], schema: Schema = Non
 
 def to_fields_v1(paths: set[Path]) -> dict[str, Any]:
     root: dict[str, Any] = {}
+    members = []
     for path in sorted(paths):
         node = root
         for key in path:
             node = node.setdefault(key if isinstance(key, Item) else f"f:{key}", {})
-        if path[-1].startswith("k:") and isinstance(path[-1], Item):
-            # A keyed item owned as a whole is marked with "." (structured-merge-diff
-            # fieldpath/serialize.go, the set's members).
+        members.append(node)
+    for node in members:
+        if node:
+            # A member that has children of its own is marked with "." (structured-merge-diff
+            # fieldpath/serialize.go, serializePathElements: the set's members).
             node["."] = {}
     return root
 

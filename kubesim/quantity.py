@@ -23,8 +23,12 @@ _MAX_BINARY = 2**63 - 1
 _NANO = Fraction(1, 10**9)
 
 
-def canonical(value: object) -> object:
-    """The stored form of a quantity; a value that does not parse is returned unchanged."""
+def canonical(value: object, milli: bool = False) -> object:
+    """The stored form of a quantity; a value that does not parse is returned unchanged.
+    `milli`: a value of a core/v1 ResourceList (container requests and limits, a quota's
+    hard), which defaulting rounds up, away from zero, to a whole milli-unit
+    (pkg/apis/core/v1/defaults.go, SetDefaults_ResourceList: Quantity.RoundUp(-3), which
+    recomputes the string only when it rounded)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return value
     text = value.strip() if isinstance(value, str) else _number_text(value)
@@ -32,7 +36,14 @@ def canonical(value: object) -> object:
     if parsed is None:
         return value
     amount, fmt, keep = parsed
+    if milli and (amount * 1000).denominator != 1:
+        amount = Fraction(math.copysign(math.ceil(abs(amount) * 1000), amount)) / 1000
+        keep = False
     return text if keep else _format(amount, fmt)
+
+
+def parses(text: str) -> bool:
+    return _parse(text.strip()) is not None
 
 
 def _number_text(number: int | float) -> str:

@@ -144,10 +144,23 @@ def prune(schema: dict[str, Any], obj: dict[str, Any], meta: dict[str, Any]) -> 
     return unknown
 
 
+class BadQuantity(ValueError):
+    """A resource quantity that does not parse (k8s.io/apimachinery pkg/api/resource,
+    ErrFormatWrong): decoding the object fails."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "quantities must match the regular expression "
+            "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+        )
+
+
 def _prune(schema: dict[str, Any], value: Any, path: str, unknown: list[str], meta: Any) -> Any:
     """`value` pruned (in place where it is a container) and canonicalised."""
     if schema.get("x-kubesim-quantity"):
-        return quantity.canonical(value)
+        if isinstance(value, str) and not quantity.parses(value):
+            raise BadQuantity()
+        return quantity.canonical(value, milli=schema["x-kubesim-quantity"] == "ResourceList")
     if isinstance(value, dict):
         _prune_object(
             schema, value, path, unknown, meta, schema.get("x-kubernetes-embedded-resource")

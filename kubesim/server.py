@@ -495,13 +495,22 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/apis":
             all_types = [t for gv, ts in group_versions.items() if "/" in gv for t in ts]
             return self._json(200, api_group_list(all_types))
+        parts = path.strip("/").split("/")
+        if parts[0] == "apis" and "/".join(parts[1:3]) not in group_versions:
+            # No handler serves a group version nobody registered: the mux's own answer
+            # (k8s.io/apiserver pkg/server/mux/pathrecorder.go, NotFoundHandler).
+            return self._text(404, "404 page not found\n")
         if self._is_discovery(path) and path.startswith(("/api/", "/apis/")):
             gv = path.strip("/").split("/", 1)[1]
             if gv not in group_versions:
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+                raise ApiError(
+                    404, "NotFound", "the server could not find the requested resource", None, {}
+                )
             return self._json(200, api_resource_list(gv, group_versions[gv]))
         if not path.startswith(("/api/", "/apis/")):
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise ApiError(
+                404, "NotFound", "the server could not find the requested resource", None, {}
+            )
         return self._resource(path, query, verb, raw)
 
     def _route(self, path: str) -> tuple[Any, str, str, str, str]:
@@ -520,7 +529,9 @@ class _Handler(BaseHTTPRequestHandler):
         name = rest[1] if len(rest) > 1 else ""
         sub = rest[2] if len(rest) > 2 else ""
         if sub and sub != "status":
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise ApiError(
+                404, "NotFound", "the server could not find the requested resource", None, {}
+            )
         return t, namespace, rest[0], name, sub
 
     def _resource(self, path: str, query: dict[str, str], verb: str, raw: bytes) -> int:
@@ -538,6 +549,12 @@ class _Handler(BaseHTTPRequestHandler):
             )
             if self._wants_table():
                 return self._json(200, _table(t, items, revision))
+            if t.schema is None:
+                # A built-in kind's list items carry no apiVersion and kind (the typed list is
+                # encoded whole: k8s.io/apimachinery runtime, the items' TypeMeta is empty).
+                for item in items:
+                    item.pop("apiVersion", None)
+                    item.pop("kind", None)
             return self._json(
                 200,
                 {
@@ -551,30 +568,54 @@ class _Handler(BaseHTTPRequestHandler):
             obj = store.get(t, namespace, name)
             return self._json(200, _table(t, [obj], store.revision) if self._wants_table() else obj)
         if verb == "delete":
-            store.delete(t, namespace, name)
+            gone = store.delete(t, namespace, name, dry_run)
+            details = {"name": name, **({"group": t.group} if t.group else {}), "kind": t.plural}
             return self._json(
                 200,
                 {
                     "kind": "Status",
                     "apiVersion": "v1",
+                    "metadata": {},
                     "status": "Success",
-                    "details": {"name": name, "kind": t.plural},
+                    "details": {**details, "uid": gone["metadata"].get("uid", "")},
                 },
             )
         body = self._body(raw, verb)
         checks = FieldValidation(query.get("fieldValidation") or "Warn")
         if checks.directive not in ("Strict", "Warn", "Ignore"):
+            # The request's options fail validation (pkg/apis/meta/v1/validation,
+            # ValidateCreateOptions and the like: ValidateFieldValidation).
+            options = {"create": "CreateOptions", "update": "UpdateOptions"}.get(
+                verb, "PatchOptions"
+            )
+            what = (
+                f"Unsupported value: {json.dumps(checks.directive)}: "
+                'supported values: "", "Ignore", "Strict", "Warn"'
+            )
             raise ApiError(
-                400,
-                "BadRequest",
-                f"fieldValidation: Unsupported value: {json.dumps(checks.directive)}: "
-                'supported values: "Ignore", "Strict", "Warn"',
+                422,
+                "Invalid",
+                f'{options}.meta.k8s.io "" is invalid: fieldValidation: {what}',
+                None,
+                {
+                    "group": "meta.k8s.io",
+                    "kind": options,
+                    "causes": [
+                        {
+                            "reason": "FieldValueNotSupported",
+                            "message": what,
+                            "field": "fieldValidation",
+                        }
+                    ],
+                },
             )
         if verb == "create":
             obj = store.create(t, namespace, body, manager, dry_run, checks)
             return self._json(201, obj, checks.warnings)
         if verb == "update":
-            obj = store.update(t, namespace, name, body, manager, sub, dry_run, checks)
+            obj = store.update(
+                t, namespace, name, body, manager, sub, dry_run, checks, conditional=True
+            )
             return self._json(200, obj, checks.warnings)
         if verb == "apply":
             force = query.get("force") in ("true", "1")

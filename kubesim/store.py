@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import json
+import re
 import threading
 import time
 import uuid
@@ -31,25 +33,88 @@ class FieldValidation:
 
     directive: str = "Ignore"
     warnings: list[str] = field(default_factory=list)
+    merge_patch: bool = False  # the object decoded is a merge patch's result
 
 
 class ApiError(Exception):
     """An error the server answers with a Status object."""
 
-    def __init__(self, code: int, reason: str, message: str, retry_after: int | None = None):
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        retry_after: int | None = None,
+        details: Obj | None = None,
+    ):
         super().__init__(message)
         self.code, self.reason, self.message, self.retry_after = code, reason, message, retry_after
+        self.details = details
 
     def status(self) -> Obj:
-        return {
+        out: Obj = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
-            "code": self.code,
         }
+        if self.reason:  # an internal error has none (apimachinery errors.NewInternalError)
+            out["reason"] = self.reason
+        if self.details is not None:
+            out["details"] = self.details
+        out["code"] = self.code
+        return out
+
+
+def object_details(t: ResourceType, name: str, kind: str = "") -> Obj:
+    """A Status's details naming the object: its name, group (none for the core group) and
+    resource, or `kind` (k8s.io/apimachinery pkg/api/errors/errors.go, NewNotFound,
+    NewAlreadyExists, NewConflict: the resource; NewInvalid: the kind)."""
+    out: Obj = {"name": name} if name else {}
+    if t.group:
+        out["group"] = t.group
+    out["kind"] = kind or t.plural
+    return out
+
+
+def not_found(t: ResourceType, name: str) -> ApiError:
+    return ApiError(
+        404, "NotFound", f'{t.qualified} "{name}" not found', None, object_details(t, name)
+    )
+
+
+_CAUSES = {
+    "Required value": "FieldValueRequired",
+    "Invalid value": "FieldValueInvalid",
+    "Unsupported value": "FieldValueNotSupported",
+    "Too long": "FieldValueTooLong",
+    "Forbidden": "FieldValueForbidden",
+    "Duplicate value": "FieldValueDuplicate",
+}
+
+
+def invalid(t: ResourceType, name: str, errors: list[str], resource: bool = False) -> ApiError:
+    """422 Invalid for field errors `path: what`, with one cause each
+    (apimachinery pkg/api/errors/errors.go, NewInvalid; util/validation/field/errors.go)."""
+    joined = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+    causes = []
+    for error in errors:
+        field_path, _, message = error.partition(": ")
+        kind = next((r for prefix, r in _CAUSES.items() if message.startswith(prefix)), "")
+        if " must be of type " in message:
+            kind = "FieldValueTypeInvalid"
+        causes.append({"reason": kind, "message": message, "field": field_path})
+    qualified = f"{t.kind}.{t.group}" if t.group else t.kind
+    if resource:  # named by its resource, as the generic registry's checks name it
+        qualified = t.qualified
+    return ApiError(
+        422,
+        "Invalid",
+        f'{qualified} "{name}" is invalid: {joined}',
+        None,
+        {**object_details(t, name, "" if resource else t.kind), "causes": causes},
+    )
 
 
 def now() -> str:
@@ -102,6 +167,7 @@ class Store:
         self.changed = threading.Condition(self.lock)
         self.crd_established_delay = crd_established_delay
         self.revision = 1
+        self._service_ips = 0  # the last cluster IP given out, counted from 10.96.0.0
         self.types: dict[tuple[str, str, str], ResourceType] = {}
         self.objects: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}
         self.events: deque[tuple[int, str, str, str, Obj]] = deque(maxlen=20000)
@@ -159,13 +225,15 @@ class Store:
     def _present(self, t: ResourceType, obj: Obj) -> Obj:
         out = copy.deepcopy(obj)
         out["apiVersion"], out["kind"] = t.group_version, t.kind
+        if t.schema is None:
+            builtin.zero_fields(t.kind, out)
         return out
 
     def get(self, t: ResourceType, namespace: str, name: str) -> Obj:
         with self.lock:
             obj = self._bucket(t).get((namespace, name))
             if obj is None:
-                raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
+                raise not_found(t, name)
             return self._present(t, obj)
 
     def list(
@@ -185,19 +253,22 @@ class Store:
 
     def _check_namespace(self, t: ResourceType, namespace: str) -> None:
         if t.namespaced and ("", namespace) not in self.objects[("", "namespaces")]:
-            raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
+            raise not_found(self.find_type("", "v1", "namespaces"), namespace)
 
     def _validate(self, t: ResourceType, obj: Obj) -> None:
         name = obj.get("metadata", {}).get("name", "")
         if not name:
-            raise ApiError(422, "Invalid", f'{t.kind} "" is invalid: metadata.name: Required value')
+            raise invalid(
+                t, "", ["metadata.name: Required value: name or generateName is required"]
+            )
         if t.schema is not None:
             errors = schema.validate(t.schema, obj)
             if errors:
-                joined = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
-                raise ApiError(422, "Invalid", f'{t.kind}.{t.group} "{name}" is invalid: {joined}')
+                raise invalid(t, name, errors)
 
     def _commit(self, t: ResourceType, event: str, obj: Obj) -> Obj:
+        if t.schema is None:
+            builtin.strip_zero_fields(t.kind, obj)  # stored without: _present adds them
         self.revision += 1
         meta = obj["metadata"]
         meta["resourceVersion"] = str(self.revision)
@@ -216,6 +287,7 @@ class Store:
         return self._present(t, obj)
 
     def _schedule_establish(self, name: str) -> None:
+        self._accept_names(name)
         if self.crd_established_delay <= 0:
             self.establish_crd(name)
             return
@@ -230,33 +302,87 @@ class Store:
         return t.schema if t.schema is not None else builtin.SCHEMAS.get(t.kind)
 
     def _prune(
-        self, t: ResourceType, obj: Obj, checks: FieldValidation, apply: bool = False
+        self,
+        t: ResourceType,
+        obj: Obj,
+        checks: FieldValidation,
+        apply: bool = False,
+        sent_meta: Obj | None = None,
     ) -> None:
         """Drop the fields the type's schema does not know and canonicalise quantities, as
         decoding does, honouring the fieldValidation directive."""
         type_schema = self.schema_of(t)
         if type_schema is None:
             return
-        unknown = schema.prune(type_schema, obj, builtin.OBJECT_META)
-        if not unknown:
-            return
-        if checks.directive == "Strict" and apply:
-            # Server-side apply types the applied configuration against the schema
-            # (k8s.io/apiserver pkg/endpoints/handlers/fieldmanager, structuredmerge Apply:
-            # ObjectToTyped), which fails on the first field it does not declare.
-            meta = obj.get("metadata", {})
+        patched = (
+            json.dumps(obj, separators=(",", ":"))
+            if checks.merge_patch and checks.directive == "Strict"
+            else ""
+        )
+        try:
+            unknown = schema.prune(type_schema, obj, builtin.OBJECT_META)
+        except schema.BadQuantity as err:
+            gvk = f"{t.group}/{t.version}, Kind={t.kind}"
+            if apply:
+                # Server-side apply decodes the merged object last (k8s.io/apiserver
+                # pkg/endpoints/handlers/patch.go, applyPatcher: "failed to convert new
+                # object"), an internal error.
+                meta = sent_meta if sent_meta is not None else obj.get("metadata", {})
+                raise ApiError(
+                    500,
+                    "",
+                    f"failed to convert new object ({meta.get('namespace', '')}/"
+                    f"{meta.get('name', '')}; {gvk}) to proper version: unable to convert "
+                    f"unstructured object to {gvk}: {err}",
+                ) from None
             raise ApiError(
                 400,
                 "BadRequest",
+                f'{t.kind} in version "{t.version}" cannot be handled as a {t.kind}: {err}',
+            ) from None
+        if not unknown:
+            return
+        if apply:
+            # Server-side apply types the applied configuration against the schema before
+            # anything else, whatever the fieldValidation directive: a field the schema does
+            # not declare is an internal error (k8s.io/apiserver pkg/endpoints/handlers/
+            # patch.go, applyPatcher; managedfields/internal/structuredmerge.go, Apply:
+            # "failed to create typed patch object"; structured-merge-diff typed/
+            # ValidationErrors.Error). The real server's list follows Go's map order, which
+            # varies; kubesim lists every field, in the order sent.
+            meta = sent_meta if sent_meta is not None else obj.get("metadata", {})
+            errors = [
+                f"{_typed_path(obj, type_schema, path)}: field not declared in schema"
+                for path in unknown
+            ]
+            listed = errors[0] if len(errors) == 1 else "errors:\n  " + "\n  ".join(errors)
+            raise ApiError(
+                500,
+                "",
                 "failed to create typed patch object "
                 f"({meta.get('namespace', '')}/{meta.get('name', '')}; "
-                f"{t.group}/{t.version}, Kind={t.kind}): "
-                f".{unknown[0]}: field not declared in schema",
+                f"{t.group}/{t.version}, Kind={t.kind}): {listed}",
             )
         if checks.directive == "Strict":
             # The strict decoder lists every unknown field (k8s.io/apimachinery
             # pkg/runtime/serializer/json, strict decoding; runtime.NewStrictDecodingError).
             listed = ", ".join(f'unknown field "{path}"' for path in unknown)
+            if patched:
+                # A merge patch's result that does not decode is an invalid patch, quoted
+                # whole (k8s.io/apiserver pkg/endpoints/handlers/patch.go, jsonPatcher
+                # applyJSPatch: field.Invalid(field.NewPath("patch"), ...)).
+                what = f"Invalid value: {json.dumps(patched)}: strict decoding error: {listed}"
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f' "" is invalid: patch: {what}',
+                    None,
+                    {
+                        "causes": [
+                            {"reason": "FieldValueInvalid", "message": what, "field": "patch"}
+                        ]
+                    },
+                )
             raise ApiError(
                 400,
                 "BadRequest",
@@ -312,38 +438,76 @@ class Store:
             self._validate(t, obj)
             if (namespace if t.namespaced else "", meta["name"]) in self._bucket(t):
                 raise ApiError(
-                    409, "AlreadyExists", f'{t.qualified} "{meta["name"]}" already exists'
+                    409,
+                    "AlreadyExists",
+                    f'{t.qualified} "{meta["name"]}" already exists',
+                    None,
+                    object_details(t, meta["name"]),
                 )
             if t.has_status and t.kind != "Node":
                 obj.pop("status", None)
             self._default_custom(t, obj)
-            meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=now())
+            if _has_generation(t):
+                meta["generation"] = 1
+            type_schema = self.schema_of(t)
             owned = (
-                {(manager, "Update", ""): fields.leaf_paths(obj, self.schema_of(t))}
+                {(manager, "Update", ""): fields.changed_paths(_zero(t), obj, type_schema)}
                 if applied is None
-                else {(manager, "Apply", ""): fields.leaf_paths(applied, self.schema_of(t))}
+                else {(manager, "Apply", ""): fields.leaf_paths(applied, type_schema)}
             )
-            meta["managedFields"] = _managed_entries(owned, {}, t.group_version)
+            meta.pop("managedFields", None)
+            managed = _managed_entries(owned, {}, t.group_version)
+            if managed:
+                meta["managedFields"] = managed
             self._on_create(t, obj)
             return self._present(t, obj) if dry_run else self._commit(t, "ADDED", obj)
 
     def _on_create(self, t: ResourceType, obj: Obj) -> None:
+        if t.kind == "Service":
+            self._allocate_cluster_ip(obj.setdefault("spec", {}))
         if t.kind == "Namespace":
             # pkg/registry/core/namespace/strategy.go, PrepareForCreate.
             obj.setdefault("status", {})["phase"] = "Active"
             finalizers = obj.setdefault("spec", {}).setdefault("finalizers", [])
             if "kubernetes" not in finalizers:
                 finalizers.append("kubernetes")
+        if t.kind == "PersistentVolumeClaim":
+            # pkg/registry/core/persistentvolumeclaim/strategy.go, PrepareForCreate; the
+            # finalizer is the StorageObjectInUseProtection admission plugin's
+            # (plugin/pkg/admission/storage/storageobjectinuseprotection).
+            obj["status"] = {"phase": "Pending"}
+            finalizers = obj["metadata"].setdefault("finalizers", [])
+            if "kubernetes.io/pvc-protection" not in finalizers:
+                finalizers.append("kubernetes.io/pvc-protection")
         if t.plural == CRD_PLURAL and t.group == CRD_GROUP:
+            # As the create answers: no names accepted yet, no conditions (apiextensions-
+            # apiserver pkg/registry/customresourcedefinition/strategy.go, PrepareForCreate);
+            # the naming and establishing controllers set them just after (_accept_names).
             obj["status"] = {
-                "acceptedNames": obj.get("spec", {}).get("names", {}),
+                "conditions": None,
+                "acceptedNames": {"plural": "", "kind": ""},
                 "storedVersions": [
                     v["name"] for v in obj["spec"].get("versions", []) if v.get("storage")
                 ],
-                "conditions": [
-                    condition("NamesAccepted", "True", "NoConflicts", "no conflicts found")
-                ],
             }
+
+    def _allocate_cluster_ip(self, spec: Obj) -> None:
+        """A single-stack IPv4 cluster's allocation (pkg/registry/core/service/storage/
+        alloc.go, initIPFamilyFields and allocClusterIPs): a free address from the service
+        range unless headless ("None"); the families and policy that go with it."""
+        if spec.get("type", "ClusterIP") == "ExternalName":
+            return
+        if not spec.get("clusterIP"):
+            self._service_ips += 1
+            n = self._service_ips
+            spec["clusterIP"] = f"10.96.{n // 256}.{n % 256}"
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
+        if spec["clusterIP"] != "None" or spec.get("selector"):
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
+        else:
+            spec.setdefault("ipFamilyPolicy", "RequireDualStack")
+        spec.setdefault("ipFamilies", ["IPv4"])
 
     def update(
         self,
@@ -355,10 +519,21 @@ class Store:
         subresource: str = "",
         dry_run: bool = False,
         checks: FieldValidation | None = None,
+        conditional: bool = False,
     ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
             expected = body.get("metadata", {}).get("resourceVersion")
+            if not expected and t.schema is not None and conditional:
+                # Custom resources allow no unconditional update (apiextensions-apiserver
+                # pkg/registry/customresource/strategy.go, AllowUnconditionalUpdate false;
+                # k8s.io/apiserver pkg/registry/rest/update.go, BeforeUpdate).
+                raise invalid(
+                    t,
+                    name,
+                    ["metadata.resourceVersion: Invalid value: 0: must be specified for an update"],
+                    resource=True,
+                )
             if expected and expected != live["metadata"]["resourceVersion"]:
                 raise ApiError(
                     409,
@@ -366,6 +541,8 @@ class Store:
                     f'Operation cannot be fulfilled on {t.qualified} "{name}": the '
                     "object has been modified; please apply your changes to the "
                     "latest version and try again",
+                    None,
+                    object_details(t, name),
                 )
             return self._replace(
                 t, live, copy.deepcopy(body), manager, "Update", subresource, dry_run, checks
@@ -384,14 +561,19 @@ class Store:
     ) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
-            new = fields.merge_patch(live, patch)
+            # The patched object is re-encoded from a Go map, its keys sorted, before it is
+            # decoded (k8s.io/apiserver pkg/endpoints/handlers/patch.go, jsonPatcher): what
+            # decoding reports comes in that order.
+            new = _sorted_keys(fields.merge_patch(live, patch))
+            if checks is not None:
+                checks.merge_patch = True
             return self._replace(t, live, new, manager, "Update", subresource, dry_run, checks)
 
     def _live(self, t: ResourceType, namespace: str, name: str) -> Obj:
         self._check_namespace(t, namespace)
         obj = self._bucket(t).get((namespace if t.namespaced else "", name))
         if obj is None:
-            raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
+            raise not_found(t, name)
         return obj
 
     def _replace(
@@ -423,29 +605,41 @@ class Store:
                 new["status"] = copy.deepcopy(live.get("status", {}))
                 if not new["status"]:
                     new.pop("status")
+            if t.kind == "Service":
+                # An update that leaves them out keeps the allocated values
+                # (pkg/registry/core/service/storage/storage.go, patchAllocatedValues).
+                spec, old_spec = new.setdefault("spec", {}), live.get("spec", {})
+                for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                    if not spec.get(key) and key in old_spec:
+                        spec[key] = copy.deepcopy(old_spec[key])
         self._default_custom(t, new)
         self._validate(t, new)
         if entries is None:
             entries = _parse_managed(live_meta.get("managedFields", []))
             type_schema = self.schema_of(t)
-            changed = fields.changed_paths(live, new, type_schema)
-            removed = fields.leaf_paths(live, type_schema) - fields.leaf_paths(new, type_schema)
+            status = subresource == "status"
+            changed = fields.changed_paths(live, new, type_schema, status)
+            removed = _all_paths(live, type_schema, status) - _all_paths(new, type_schema, status)
             for key in list(entries):
                 entries[key] -= changed | removed
             if changed:
                 own = (manager, operation, subresource)
                 entries[own] = entries.get(own, set()) | changed
-        new["metadata"]["managedFields"] = _managed_entries(
+        managed = _managed_entries(
             entries,
             _parse_times(live_meta.get("managedFields", [])),
             t.group_version,
             previous=_parse_managed(live_meta.get("managedFields", [])),
         )
-        if _without_volatile(new) == _without_volatile(live) and new["metadata"][
+        # None at all is no list at all (metav1.ObjectMeta: managedFields,omitempty).
+        new["metadata"].pop("managedFields", None)
+        if managed:
+            new["metadata"]["managedFields"] = managed
+        if _without_volatile(new) == _without_volatile(live) and new["metadata"].get(
             "managedFields"
-        ] == live_meta.get("managedFields"):
+        ) == live_meta.get("managedFields"):
             return self._present(t, live)
-        if _spec_part(new) != _spec_part(live):
+        if _spec_part(new) != _spec_part(live) and _has_generation(t):
             new["metadata"]["generation"] = live_meta.get("generation", 1) + 1
         if dry_run:
             new["metadata"]["resourceVersion"] = live_meta["resourceVersion"]
@@ -461,7 +655,7 @@ class Store:
                     stored.append(v["name"])
             if any(
                 c["type"] == "Established" and c["status"] == "True"
-                for c in obj["status"].get("conditions", [])
+                for c in obj["status"].get("conditions") or []
             ):
                 self._register_crd(obj)
 
@@ -484,6 +678,18 @@ class Store:
                 "Invalid",
                 'PatchOptions.meta.k8s.io "" is invalid: '
                 "fieldManager: Required value: is required for apply patch",
+                None,
+                {
+                    "group": "meta.k8s.io",
+                    "kind": "PatchOptions",
+                    "causes": [
+                        {
+                            "reason": "FieldValueRequired",
+                            "message": "Required value: is required for apply patch",
+                            "field": "fieldManager",
+                        }
+                    ],
+                },
             )
         meta = config.get("metadata", {})
         if meta.get("name", name) != name:
@@ -497,26 +703,34 @@ class Store:
             raise ApiError(
                 400,
                 "BadRequest",
-                f"the kind of the object ({config['kind']}) "
-                f"does not match the kind on the URL ({t.kind})",
+                # The applied configuration is decoded as the URL's kind (k8s.io/apiserver
+                # pkg/endpoints/handlers/patch.go, applyPatcher: "invalid object type").
+                f"invalid object type: {config.get('apiVersion', '')}, Kind={config['kind']}"
+                if "/" in str(config.get("apiVersion", ""))
+                else f"invalid object type: /{config.get('apiVersion', '')}, Kind={config['kind']}",
             )
         with self.lock:
             self._check_namespace(t, namespace)
+            sent_meta = copy.deepcopy(config.get("metadata", {}))
             config = copy.deepcopy(config)
             config.setdefault("metadata", {}).setdefault("name", name)
             if t.namespaced:
                 config["metadata"]["namespace"] = namespace
+            # The values as sent decide conflicts: structured-merge-diff compares the merged
+            # configuration with the live object before the result is decoded, so "1000m"
+            # sent over a stored "1" is a change (merge/update.go, Updater.Apply).
+            sent = copy.deepcopy(config)
             # Fields the schema does not know are not applied (nor owned).
-            self._prune(t, config, checks, apply=True)
+            self._prune(t, config, checks, apply=True, sent_meta=sent_meta)
             live = self._bucket(t).get((namespace if t.namespaced else "", name))
             if live is None:
                 if subresource:
-                    raise ApiError(404, "NotFound", f'{t.qualified} "{name}" not found')
+                    raise not_found(t, name)
                 applied = _strip_status(config, t)
                 created = self.create(t, namespace, config, manager, True, checks, applied)
                 return created if dry_run else self._commit(t, "ADDED", created)
             return self._apply_existing(
-                t, live, config, manager, force, subresource, dry_run, checks
+                t, live, config, sent, manager, force, subresource, dry_run, checks
             )
 
     def _apply_existing(
@@ -524,6 +738,7 @@ class Store:
         t: ResourceType,
         live: Obj,
         config: Obj,
+        sent: Obj,
         manager: str,
         force: bool,
         subresource: str,
@@ -539,31 +754,38 @@ class Store:
             paths = fields.leaf_paths(applied, type_schema)
         entries = _parse_managed(live["metadata"].get("managedFields", []))
         own = (manager, "Apply", subresource)
-        conflicts: list[tuple[str, fields.Path]] = []
+        conflicts: list[tuple[ManagerKey, fields.Path]] = []
+        parents = {path[:i] for path in paths for i in range(1, len(path))}
         for path in sorted(paths):
-            if isinstance(path[-1], fields.Item):
-                # A list item both managers own: its fields may conflict, not the item itself
-                # (structured-merge-diff merge/update.go, Updater: conflicts are leaf fields).
+            if isinstance(path[-1], fields.Item) or path in parents:
+                # A list item or map both managers own: its fields may conflict, not the item
+                # itself (structured-merge-diff merge/update.go, Updater: conflicts are leaf
+                # fields).
                 continue
             live_value = fields.get_path(live, path, type_schema)
             if live_value is fields.MISSING or live_value == fields.get_path(
-                applied, path, type_schema
+                sent, path, type_schema
             ):
                 continue
             for key, owned in entries.items():
                 if key != own and key[2] == subresource and path in owned:
-                    conflicts.append((key[0], path))
+                    conflicts.append((key, path))
         if conflicts and not force:
-            listed = "; ".join(f'conflict with "{m}": {fields.dotted(p)}' for m, p in conflicts)
-            count = "1 conflict" if len(conflicts) == 1 else f"{len(conflicts)} conflicts"
-            raise ApiError(409, "Conflict", f"Apply failed with {count}: {listed}")
+            raise _conflict_error(conflicts, t.group_version)
         for _, path in conflicts:
             for key in entries:
                 if key != own:
                     entries[key].discard(path)
         base = copy.deepcopy(live)
         for path in sorted(entries.get(own, set()) - paths):
-            if not any(path in owned for key, owned in entries.items() if key != own):
+            # What the applier no longer applies goes, unless another manager owns it or (a
+            # map or list item) something under it.
+            if not any(
+                owned_path[: len(path)] == path
+                for key, owned in entries.items()
+                if key != own
+                for owned_path in owned
+            ):
                 fields.delete_path(base, path, type_schema)
         entries[own] = paths
         new = fields.merge(base, applied, type_schema)
@@ -571,9 +793,11 @@ class Store:
             new["status"] = copy.deepcopy(live.get("status", {}))
         return self._replace(t, live, new, manager, "Apply", subresource, dry_run, checks, entries)
 
-    def delete(self, t: ResourceType, namespace: str, name: str) -> Obj:
+    def delete(self, t: ResourceType, namespace: str, name: str, dry_run: bool = False) -> Obj:
         with self.lock:
             live = self._live(t, namespace, name)
+            if dry_run:  # checked and answered as if, nothing removed
+                return self._present(t, live)
             if t.kind == "Namespace":
                 for (group, plural), bucket in self.objects.items():
                     for (ns, obj_name), _obj in list(bucket.items()):
@@ -590,23 +814,45 @@ class Store:
 
     # -- CRDs --------------------------------------------------------------------------------
 
+    def _accept_names(self, name: str) -> None:
+        """The naming controller's status update just after a CRD is created: its names
+        accepted (apiextensions-apiserver pkg/controller/status/naming_controller.go,
+        calculateNamesAndConditions), by the server itself (manager kube-apiserver)."""
+        self._set_crd_condition(
+            name,
+            condition("NamesAccepted", "True", "NoConflicts", "no conflicts found"),
+            accept_names=True,
+        )
+
     def establish_crd(self, name: str) -> None:
-        """Mark a CRD Established and serve its types, as the real server does once ready."""
+        """Mark a CRD Established and serve its types, as the real server does once ready
+        (apiextensions-apiserver pkg/controller/establish/establishing_controller.go)."""
+        self._set_crd_condition(
+            name,
+            condition(
+                "Established",
+                "True",
+                "InitialNamesAccepted",
+                "the initial names have been accepted",
+            ),
+            accept_names=False,
+        )
+
+    def _set_crd_condition(self, name: str, cond: Obj, *, accept_names: bool) -> None:
+        """One status update of a CRD by the server's own controllers: NamesAccepted goes
+        first with the accepted names copied from spec, Established last."""
         with self.lock:
             t = self.find_type(CRD_GROUP, "v1", CRD_PLURAL)
             live = self._bucket(t).get(("", name))
             if live is None:
                 return
             status = copy.deepcopy(live.get("status", {}))
-            conditions = [c for c in status.get("conditions", []) if c["type"] != "Established"]
-            conditions.append(
-                condition(
-                    "Established",
-                    "True",
-                    "InitialNamesAccepted",
-                    "the initial names have been accepted",
-                )
-            )
+            conditions = [c for c in status.get("conditions") or [] if c["type"] != cond["type"]]
+            if accept_names:
+                status["acceptedNames"] = copy.deepcopy(live.get("spec", {}).get("names", {}))
+                conditions.insert(0, cond)
+            else:
+                conditions.append(cond)
             status["conditions"] = conditions
             self._replace(t, live, {"status": status}, "kube-apiserver", "Update", "status", False)
 
@@ -654,6 +900,97 @@ class Store:
                         return
                     self.changed.wait(min(remaining, 0.5))
             yield from batch
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
+
+
+def _typed_path(obj: Obj, schema: fields.Schema, path: str) -> str:
+    """A pruned field's path (`spec.containers[0].colour`) as structured-merge-diff writes it
+    (`.spec.containers[name="app"].colour`: fieldpath/element.go, PathElement.String)."""
+    out: list[str] = []
+    node: Any = obj
+    node_schema = schema
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        if name:
+            out.append("." + name)
+            node = node.get(name) if isinstance(node, dict) else None
+            node_schema = fields.child(node_schema, name)
+            continue
+        item = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+        list_schema = node_schema
+        node_schema = (list_schema or {}).get("items") if list_schema else None
+        if (list_schema or {}).get("x-kubernetes-list-type") in ("map", "set"):
+            out.append(fields.dotted((fields.item_element(list_schema, item),)))
+        else:
+            out.append(f"[{index}]")
+        node = item
+    return "".join(out)
+
+
+def _conflict_error(conflicts: list[tuple[ManagerKey, fields.Path]], api_version: str) -> ApiError:
+    """409 for an apply's conflicts, worded as k8s.io/apimachinery
+    pkg/util/managedfields/internal/conflict.go (NewConflictError, getConflictMessage,
+    printManager) words them: one cause per field, grouped by manager when several."""
+
+    def printed(key: ManagerKey) -> str:
+        manager, operation, subresource = key
+        out = json.dumps(manager)
+        if subresource:
+            out += f" with subresource {json.dumps(subresource)}"
+        return f"{out} using {api_version}" if operation == "Update" else out
+
+    # In the order structured-merge-diff iterates a field set: at each level the fields that
+    # end there (sorted) before those that go deeper (fieldpath/set.go, Set.Iterate).
+    def order(item: tuple[ManagerKey, fields.Path]) -> tuple[Any, ...]:
+        key, path = item
+        levels = tuple(
+            (0 if i == len(path) - 1 else 1, isinstance(e, fields.Item), str(e))
+            for i, e in enumerate(path)
+        )
+        return (printed(key), levels)
+
+    conflicts = sorted(conflicts, key=order)
+    causes = [
+        {
+            "reason": "FieldManagerConflict",
+            "message": f"conflict with {printed(key)}",
+            "field": fields.dotted(path),
+        }
+        for key, path in conflicts
+    ]
+    if len(conflicts) == 1:
+        key, path = conflicts[0]
+        message = (
+            f"Apply failed with 1 conflict: conflict with {printed(key)}: {fields.dotted(path)}"
+        )
+    else:
+        lines = []
+        for key in sorted({key for key, _ in conflicts}, key=printed):
+            lines.append(f"conflicts with {printed(key)}:")
+            lines += [f"- {fields.dotted(p)}" for k, p in conflicts if k == key]
+        message = f"Apply failed with {len(conflicts)} conflicts: " + "\n".join(lines)
+    return ApiError(409, "Conflict", message, None, {"causes": causes})
+
+
+def _zero(t: ResourceType) -> Obj:
+    """The object a create is compared with for its manager's fields: the Go type's zero
+    value (k8s.io/apiserver pkg/endpoints/handlers/create.go: scope.Creater.New), a custom
+    resource's being empty."""
+    return copy.deepcopy(builtin.ZERO.get(t.kind, {})) if t.schema is None else {}
+
+
+def _all_paths(obj: Obj, schema: fields.Schema, status: bool) -> set[fields.Path]:
+    return fields.leaf_paths(obj, schema, status) | fields.node_paths(obj, schema, status)
+
+
+def _has_generation(t: ResourceType) -> bool:
+    return t.schema is not None or t.kind in builtin.GENERATION_KINDS
 
 
 def _strip_status(config: Obj, t: ResourceType) -> Obj:

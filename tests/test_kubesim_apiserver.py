@@ -530,9 +530,15 @@ def test_warning_headers_reach_kubectl(kubesim: KubeSim, tmp_path: Path) -> None
             }
         )
     )
-    warned = kubectl(kubesim, "apply", "--server-side", "--validate=warn", "-f", str(manifest))
+    warned = kubectl(kubesim, "create", "--validate=warn", "-f", str(manifest))
     assert warned.returncode == 0, warned.stderr
     assert 'unknown field "dta"' in warned.stderr
+    # Server-side apply refuses the field whatever the directive, as the real server does
+    # (tests/real/test_kubesim_differential.py, test_unknown_fields).
+    manifest.write_text(manifest.read_text().replace("name: c\n", "name: d\n"))
+    applied = kubectl(kubesim, "apply", "--server-side", "--validate=warn", "-f", str(manifest))
+    assert applied.returncode == 1
+    assert ".dta: field not declared in schema" in applied.stderr
 
 
 def test_custom_resources_get_their_schema_defaults(kubesim: KubeSim) -> None:
